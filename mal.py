@@ -1,0 +1,410 @@
+"""MAL: Vision Transformers Are Good Mask Auto-Labelers (Lan et al., CVPR 2023), in plain PyTorch.
+
+One file, in the paper's order:
+  §3.1  RoI input ............ expand_box, expand_box_fixed
+  §3.2  Task network ......... VisionTransformer (image encoder E), MaskDecoder (K·V), MAL
+        EMA teacher .......... make_teacher, ema_update
+  §3.3  Losses ............... dice, mil_loss (Eq. 2), mean_field (Eq. 3-4), crf_loss (Eq. 5),
+                               mal_loss (Eq. 1)
+Pretrained encoders (MAE, DeiT, timm, our own checkpoints) load with load_pretrained.
+"""
+import copy
+import math
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# §3.1 RoI input: each box is randomly expanded, then cropped and resized (cropping is in data.py)
+
+
+def expand_box(box, theta=1.2, generator=None):
+    """Random box expansion of §3.1; returns the expanded (x0, y0, x1, y1), not clipped.
+
+    θ_x, θ_y ~ U[0, θ]; β_x ~ U[0, θ_x], β'_x = θ_x - β_x (likewise y). The left edge's distance
+    from the centre grows by (1 + β_x), the right edge's by (1 + β'_x): the total expansion along x
+    is exactly θ_x, split at random between the two sides (so the box is not always centred).
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    r = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+    theta_x, theta_y = r[0] * theta, r[1] * theta
+    beta_x, beta_y = r[2] * theta_x, r[3] * theta_y
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return (cx - (cx - x0) * (1 + beta_x), cy - (cy - y0) * (1 + beta_y),
+            cx + (x1 - cx) * (1 + theta_x - beta_x), cy + (y1 - cy) * (1 + theta_y - beta_y))
+
+
+def expand_box_fixed(box, t=0.2):
+    """Deterministic test-time expansion for labeling: each side's distance from the centre ×(1+t)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return (cx - (cx - x0) * (1 + t), cy - (cy - y0) * (1 + t),
+            cx + (x1 - cx) * (1 + t), cy + (y1 - cy) * (1 + t))
+
+
+# ----------------------------------------------------------------------------------------------
+# §3.2 Image encoder E: a standard ViT (Dosovitskiy et al.), classification head dropped.
+# Parameter names follow timm / MAE / DeiT so that their checkpoints load as they are.
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)  # [B, C, H/p, W/p]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def resample_pos_embed(pos_embed, grid_hw, num_prefix=1):
+    """Resample [1, prefix + h*w, C] position embeddings to another grid, the MAE way
+    (bicubic, align_corners=False, no antialias), so a 224-pretrained encoder runs at 512."""
+    n = pos_embed.shape[1] - num_prefix
+    gs = math.isqrt(n)
+    if gs * gs != n:
+        raise ValueError(f"pos_embed has {n} grid positions, which is not a square grid")
+    if (gs, gs) == tuple(grid_hw):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    grid = grid.reshape(1, gs, gs, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(grid_hw), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """forward(x [B,3,H,W]) -> patch features [B, C, H/p, W/p] (class token dropped after the final norm)."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = img_size // patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        B, C, h, w = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        x = x + resample_pos_embed(self.pos_embed, (h, w))
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)[:, 1:]
+        return x.transpose(1, 2).reshape(B, C, h, w)
+
+
+def _init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+VIT_CONFIGS = {  # name: (embed_dim, depth, num_heads, default patch size)
+    "vit_tiny": (192, 12, 3, 16),
+    "vit_small": (384, 12, 6, 16),
+    "vit_base": (768, 12, 12, 16),
+    "vit_large": (1024, 24, 16, 16),
+    "vit_huge": (1280, 32, 16, 14),
+}
+
+
+def vit(name, patch_size=None, img_size=224, drop_path=0.0, depth=None):
+    """Build a named ViT; `depth` overrides the block count (e.g. a 4-block vit_tiny for the CPU demo)."""
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(VIT_CONFIGS)}")
+    dim, d, heads, p = VIT_CONFIGS[name]
+    return VisionTransformer(img_size, patch_size or p, dim, depth or d, heads, drop_path=drop_path)
+
+
+def vit_tiny(**kw): return vit("vit_tiny", **kw)
+def vit_small(**kw): return vit("vit_small", **kw)
+def vit_base(**kw): return vit("vit_base", **kw)
+def vit_large(**kw): return vit("vit_large", **kw)
+def vit_huge(**kw): return vit("vit_huge", **kw)
+
+
+# Keys of public checkpoints that are not part of the encoder: classifier heads, DeiT's distillation
+# token and head, MAE's decoder and mask token.
+_DROP_PREFIXES = ("head", "fc_norm", "dist_token", "decoder_", "mask_token")
+
+
+def load_pretrained(model, path):
+    """Load MAE / DeiT / timm / MAL weights into a VisionTransformer (or a MAL model's encoder).
+
+    Unwraps `model` / `state_dict` / `module.` / `backbone.` / `encoder.` wrappers, drops heads and
+    the MAE decoder, resamples pos_embed to the model's grid, and raises a clear error on a shape
+    mismatch. A MAL checkpoint given to a MAL model loads both encoder and decoder (teacher weights).
+    Prints what was missing or unused."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict", "module"):  # teacher: this project's checkpoints
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: no state dict of tensors found (keys: {list(sd)[:8]})")
+    enc, dec = {}, {}
+    for k, v in sd.items():
+        for wrapper in ("module.", "backbone."):
+            k = k.removeprefix(wrapper)
+        if k.startswith("decoder."):  # our own layout: encoder.* / decoder.* (MAE's are decoder_*)
+            dec[k[len("decoder."):]] = v
+        elif not k.startswith(_DROP_PREFIXES):
+            enc[k.removeprefix("encoder.")] = v
+    encoder = model.encoder if isinstance(model, MAL) else model
+    if "pos_embed" in enc:
+        pe, grid = enc["pos_embed"], encoder.pos_embed.shape[1] - 1
+        n = pe.shape[1]
+        if math.isqrt(n - 2) ** 2 == n - 2 and math.isqrt(n - 1) ** 2 != n - 1:
+            pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the dist token's slot
+        gs = math.isqrt(grid)
+        enc["pos_embed"] = resample_pos_embed(pe, (gs, gs))
+    target = {"encoder": (encoder, enc)}
+    if isinstance(model, MAL) and dec:
+        target["decoder"] = (model.decoder, dec)
+    missing, unused, loaded = [], [], 0
+    for part, (module, weights) in target.items():
+        own = module.state_dict()
+        for k, v in weights.items():
+            if k not in own:
+                unused.append(k)
+            elif own[k].shape != v.shape:
+                raise ValueError(f"{path}: {part} tensor {k} has shape {tuple(v.shape)} in the file but "
+                                 f"{tuple(own[k].shape)} in the model (a checkpoint for another "
+                                 f"architecture or patch size?)")
+        missing += [f"{part}.{k}" for k in own if k not in weights]
+        module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+        loaded += sum(k in own for k in weights)
+    print(f"load_pretrained {path}: loaded {loaded} tensors; missing {missing or 'none'}; "
+          f"unused {unused or 'none'}", file=sys.stderr)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# §3.2 Mask decoder D(E(I)) = K(E(I)) · V(E(I)), an attention-based decoder after YOLACT.
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, in_dim, dim=256):
+        super().__init__()
+        # K, the instance-aware head: global max-pool, then one fully connected layer to 256.
+        self.instance_head = nn.Linear(in_dim, dim)
+        # V, the pixel-wise head: four 3×3 convs, each followed by ReLU, ×2 bilinear after the second.
+        conv = lambda i: nn.Conv2d(i, dim, 3, padding=1)  # noqa: E731
+        self.pixel_head = nn.Sequential(
+            conv(in_dim), nn.ReLU(inplace=True), conv(dim), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            conv(dim), nn.ReLU(inplace=True), conv(dim), nn.ReLU(inplace=True))
+
+    def forward(self, feat):
+        k = self.instance_head(feat.amax(dim=(2, 3)))  # [B, 256]
+        v = self.pixel_head(feat)  # [B, 256, 2h, 2w]
+        return torch.einsum("bc,bchw->bhw", k, v)  # mask logits, one map per crop
+
+
+class MAL(nn.Module):
+    """The task network (and, as an EMA copy, the teacher): forward(x [B,3,S,S]) -> logits [B, 2S/p, 2S/p]."""
+
+    def __init__(self, arch="vit_base", patch_size=16, img_size=512, drop_path=0.0, depth=None):
+        super().__init__()
+        self.encoder = vit(arch, patch_size=patch_size, img_size=img_size, drop_path=drop_path, depth=depth)
+        self.decoder = MaskDecoder(self.encoder.embed_dim)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def make_teacher(net):
+    """The EMA teacher: same architecture and weights, no gradients, always in eval mode."""
+    teacher = copy.deepcopy(net).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher, net, momentum=0.996):
+    """θ_t ← m·θ_t + (1 − m)·θ after every optimizer step. Every rank applies the same update to the
+    same (all-reduced) task weights, so under DDP the teacher stays identical on every rank."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------
+# §3.3 Losses
+
+
+def dice(p, g, eps=1e-5):
+    """Dice loss per crop: 1 − 2Σpg / (Σp² + Σg² + ε), summed over all but the first dimension."""
+    p, g = p.flatten(1), g.flatten(1)
+    return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)
+
+
+def mil_loss(prob, box_mask):
+    """Eq. 2. Every row and every column of the crop is a bag, positive iff it crosses the box; a
+    bag's score is the max of the mask over it. prob, box_mask: [B, H, W]; mean over crops."""
+    rows = dice(prob.amax(dim=2), box_mask.amax(dim=2))
+    cols = dice(prob.amax(dim=1), box_mask.amax(dim=1))
+    return (rows + cols).mean()
+
+
+# The 8 neighbours j of pixel i, as (dy, dx); the CUDA / C++ kernel uses the same order.
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _shift(padded, dy, dx):
+    """View of a 1-padded [..., H+2, W+2] tensor at the neighbour (i+dy, j+dx) of every pixel."""
+    H, W = padded.shape[-2] - 2, padded.shape[-1] - 2
+    return padded[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+
+
+def mean_field(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
+    """Mean-field inference for the CRF of Eq. 3-4 (the reference, vectorised, float32).
+
+    image [B,C,H,W] (the crop as the network sees it), prob [B,H,W] the mask to refine, box_mask
+    [B,H,W] or None. Unary −log m^a; pairwise ω·k_ij·[X_i ≠ X_j] with the colour affinity
+    k_ij = exp(−‖I_i − I_j‖² / 2ζ²) over the 8 neighbours inside the crop. The binary Potts update
+    is Q_i ← sigmoid(u_i + ω Σ_j k_ij (2Q_j − 1)), u = log p − log(1 − p), synchronous, with Q = 0
+    outside the box. Returns Q [B,H,W]; the hard labels are Q > 0.5."""
+    image = image.float()
+    p = prob.float().clamp(1e-6, 1 - 1e-6)
+    u = torch.log(p) - torch.log(1 - p)
+    inside = torch.ones_like(p) if box_mask is None else (box_mask != 0).float()
+    # k_ij, computed once: [B, 8, H, W]; a zero-padded validity map kills neighbours outside the crop.
+    img = F.pad(image, (1, 1, 1, 1))
+    valid = F.pad(torch.ones_like(p), (1, 1, 1, 1))
+    k = torch.stack([torch.exp(-((image - _shift(img, dy, dx)) ** 2).sum(1) / (2 * zeta ** 2))
+                     * _shift(valid, dy, dx) for dy, dx in NEIGHBOURS], dim=1)
+    q = p * inside
+    for _ in range(iters):
+        s = F.pad(2 * q - 1, (1, 1, 1, 1))
+        msg = sum(k[:, n] * _shift(s, dy, dx) for n, (dy, dx) in enumerate(NEIGHBOURS))
+        q = torch.sigmoid(u + omega * msg) * inside
+    return q
+
+
+_crf_path_logged = set()
+
+
+def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
+    """mean_field through the fused crf_ext kernel when it builds, else the reference above.
+    Says once per device type which path runs (and why, when it falls back). Never builds a graph."""
+    dev = prob.device.type
+    try:
+        import crf_ext
+        fast, reason = crf_ext.available(prob.device), crf_ext.status().get(dev, "not built")
+    except Exception as e:  # an import error of the package itself
+        fast, reason = False, f"{type(e).__name__}: {e}"
+    if dev not in _crf_path_logged:
+        _crf_path_logged.add(dev)
+        if fast:
+            print(f"mal: CRF mean field runs on the crf_ext {dev} kernel", file=sys.stderr)
+        else:
+            warnings.warn(f"mal: crf_ext kernel unavailable on {dev} ({reason}); "
+                          f"CRF mean field falls back to the slower PyTorch reference")
+    with torch.no_grad():
+        if fast:
+            return crf_ext.mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
+        return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
+
+
+def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0):
+    """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l)."""
+    with torch.no_grad():
+        avg = (prob.detach() + teacher_prob) / 2
+        labels = (refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega) > 0.5).float()
+    return dice(prob, labels).mean()
+
+
+def ramp(step, length):
+    """Linear loss-weight ramp to 1 over the first `length` steps (step counts from 0) (the public recipe ramps MIL over 1k, CRF over 4k)."""
+    return 1.0 if length <= 0 else min(1.0, (step + 1) / length)
+
+
+def to_loss_size(logits, image, box_mask, size):
+    """Bring logits (up, bilinear), the crop (down, area) and the box mask (down, max: a thin box
+    keeps its pixels) to the loss resolution `size`; size = the crop size gives the paper's N = H^c × W^c."""
+    logits = F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    if image.shape[-1] != size:
+        image = F.interpolate(image.float(), size=(size, size), mode="area")
+        box_mask = F.adaptive_max_pool2d(box_mask[:, None].float(), size)[:, 0]
+    return logits, image, box_mask
+
+
+def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, alpha_crf=0.5,
+             mil_ramp=1000, crf_ramp=4000, loss_size=128, crf_iters=100, zeta=0.5, omega=2.0):
+    """Eq. 1: L = α_mil·L_mil + α_crf·L_crf, each weight ramped in. logits / teacher_logits
+    [B, h, w] from the task network and the teacher; image [B,3,S,S] the un-jittered crop (what the
+    teacher sees, the CRF's colours); box_mask [B,S,S]. Returns (loss, dict of detached terms)."""
+    logits, image, box_mask = to_loss_size(logits, image, box_mask, loss_size)
+    teacher_prob = F.interpolate(teacher_logits[:, None].float(), size=(loss_size, loss_size),
+                                 mode="bilinear", align_corners=False)[:, 0].sigmoid()
+    prob = logits.sigmoid()
+    l_mil = mil_loss(prob, box_mask)
+    l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega)
+    w_mil, w_crf = alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
+    loss = w_mil * l_mil + w_crf * l_crf
+    return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}
