@@ -68,6 +68,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    fused = True  # False: the explicit softmax(QKᵀ/√d)V, the "naive" baseline of bench.py
+
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -77,7 +79,10 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        else:
+            x = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -268,10 +273,10 @@ class MaskDecoder(nn.Module):
 class MAL(nn.Module):
     """The task network (and, as an EMA copy, the teacher): forward(x [B,3,S,S]) -> logits [B, 2S/p, 2S/p]."""
 
-    def __init__(self, arch="vit_base", patch_size=16, img_size=512, drop_path=0.0, depth=None):
+    def __init__(self, arch="vit_base", patch_size=16, img_size=512, drop_path=0.0, depth=None, decoder_dim=256):
         super().__init__()
         self.encoder = vit(arch, patch_size=patch_size, img_size=img_size, drop_path=drop_path, depth=depth)
-        self.decoder = MaskDecoder(self.encoder.embed_dim)
+        self.decoder = MaskDecoder(self.encoder.embed_dim, decoder_dim)
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
@@ -347,12 +352,16 @@ def mean_field(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
 
 
 _crf_path_logged = set()
+use_crf_kernel = True  # False forces the reference (bench.py's "naive" baseline)
 
 
 def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
     """mean_field through the fused crf_ext kernel when it builds, else the reference above.
     Says once per device type which path runs (and why, when it falls back). Never builds a graph."""
     dev = prob.device.type
+    if not use_crf_kernel:
+        with torch.no_grad():
+            return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
     try:
         import crf_ext
         fast, reason = crf_ext.available(prob.device), crf_ext.status().get(dev, "not built")

@@ -1,0 +1,167 @@
+"""Speed and memory of MAL: one command, one table printed last and written to a JSON.
+
+    python bench.py            # full sizes (a GPU: ViT-B/16 at 512², CRF at 128² and 512²)
+    python bench.py --quick    # small sizes that finish in a minute on a 2-core CPU (exercised in CI)
+
+Rows: the CRF kernel vs the reference; a training step (ours vs the naive one: reference CRF and
+plain attention) with crops/s, peak memory and model FLOP utilisation; labeling end to end from
+JPEGs on disk to RLE, and the data-loading rate alone. Every ratio is measured side by side in one
+run: median of repeats after warm-up, device-side timing on GPU.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import data
+import mal
+
+
+def timeit(fn, device, repeats, warmup=2):
+    """Median seconds of fn() after warm-up; CUDA events on GPU, a synchronised host clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_rate(device, quick):
+    """The device's measured bf16 (GPU) or float32 (CPU) matrix rate in FLOP/s: the MFU denominator."""
+    n = 1024 if quick or device.type == "cpu" else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, repeats=10)
+
+
+def model_flops(net, S, batch):
+    """FLOPs of one training step: task forward + backward (3× forward) and teacher forward (1×).
+    Counts the ViT's matrix products and attention, the patch embedding and the decoder's convs."""
+    enc = net.encoder
+    p, d, L = enc.patch_size, enc.embed_dim, len(enc.blocks)
+    g = S // p
+    n = g * g + 1
+    vit = 2 * n * 12 * d * d * L + 2 * 2 * n * n * d * L + 2 * g * g * 3 * p * p * d
+    c = 256
+    dec = 2 * 9 * (g * g * (d * c + c * c) + 4 * g * g * 2 * c * c) + 2 * d * c
+    return 4 * batch * (vit + dec)
+
+
+def crf_rows(device, quick, repeats):
+    sizes = [(8, 128, 20)] if device.type == "cpu" else [(32, 128, 100), (32, 512, 20)]
+    if quick:
+        sizes = [(8, 128, 20)] if device.type == "cpu" else [(32, 128, 100)]
+    import crf_ext
+    rows = []
+    for B, S, iters in sizes:
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(B, 3, S, S, generator=g).to(device)
+        prob = torch.rand(B, S, S, generator=g).to(device)
+        box = torch.zeros(B, S, S, device=device)
+        box[:, S // 8:-S // 8, S // 8:-S // 8] = 1
+        ref = timeit(lambda: mal.mean_field(image, prob, box, iters=iters), device, repeats)
+        row = dict(workload=f"CRF mean field B={B} {S}x{S} {iters} it", unit="ms", reference=ref * 1e3)
+        if crf_ext.available(device):
+            t = timeit(lambda: crf_ext.mean_field(image, prob, box, iters=iters), device, repeats)
+            row.update(ours=t * 1e3, ratio=ref / t)
+        else:
+            row.update(ours=None, note=f"kernel unavailable: {crf_ext.status().get(device.type)}")
+        rows.append(row)
+    return rows
+
+
+def train_rows(device, quick, repeats, batch):
+    """One whole training step, as train.py runs it, ours vs naive (reference CRF, plain attention)."""
+    if quick or device.type == "cpu":
+        arch, depth, S, p, batch, loss_size, iters = "vit_tiny", 4, 128, 8, batch or 8, 64, 20
+    else:
+        arch, depth, S, p, batch, loss_size, iters = "vit_base", None, 512, 16, batch or 32, 128, 100
+    rate = matmul_rate(device, quick)
+    rows = []
+    for name, fused, kernel in (("ours", True, True), ("naive", False, False)):
+        mal.Attention.fused, mal.use_crf_kernel = fused, kernel
+        torch.manual_seed(0)
+        net = mal.MAL(arch, patch_size=p, img_size=S, depth=depth).to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        teacher = mal.make_teacher(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.9), fused=device.type == "cuda")
+        x = torch.randn(batch, 3, S, S, device=device)
+        box = torch.zeros(batch, S, S, device=device)
+        box[:, S // 6:-S // 6, S // 5:-S // 5] = 1
+        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+        def step():
+            with autocast:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                loss, _ = mal.mal_loss(net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size, crf_iters=iters)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mal.ema_update(teacher, net)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = timeit(step, device, repeats, warmup=2)
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        rows.append(dict(workload=f"train step {arch}/{p} {S}px B={batch} ({name})", unit="crops/s",
+                         ours=batch / t, peak_mem_gib=mem, mfu=model_flops(net, S, batch) / t / rate))
+        del net, teacher, opt
+    mal.Attention.fused, mal.use_crf_kernel = True, True
+    rows[0].update(reference=rows[1]["ours"], ratio=rows[0]["ours"] / rows[1]["ours"])
+    rows[0]["matmul_tflops"] = rate / 1e12
+    return rows[:1] + [rows[1]]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI and CPUs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
+    p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 32 on GPU)")
+    p.add_argument("--only", default="crf,train,label", help="comma-separated row groups to run")
+    p.add_argument("--json", default="bench.json", help="where to write the rows")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    repeats = args.repeats or (5 if args.quick else 20)
+    only = args.only.split(",")
+    rows = []
+    if "crf" in only:
+        rows += crf_rows(device, args.quick, repeats)
+    if "train" in only:
+        rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch)
+    if "label" in only:
+        rows += label_rows(device, args.quick)
+    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+               torch=torch.__version__, cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
+               command="python " + " ".join(sys.argv))
+    with open(args.json, "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    print(f"\n{env['device']} | torch {env['torch']} | CUDA {env['cuda']} | {env['date']} | {env['command']}")
+    print(f"{'workload':58s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}  unit / notes")
+    for r in rows:
+        f = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10s}"  # noqa: E731
+        extra = [f"{k} {v:.3g}" for k, v in r.items() if k in ("peak_mem_gib", "mfu", "matmul_tflops") and v is not None]
+        print(f"{r['workload']:58s} {f(r.get('ours'))} {f(r.get('reference'))} "
+              f"{(format(r['ratio'], '6.1f') + 'x') if r.get('ratio') else '      -':>7s}  {r['unit']} {' '.join(extra)} {r.get('note', '')}")
+
+
+if __name__ == "__main__":
+    main()

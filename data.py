@@ -1,0 +1,831 @@
+"""Data for MAL: image loading, RoI crops (§3.1), augmentation (§4.2), datasets and a demo set.
+
+Read top to bottom:
+  normalize, load_rgb ........ ImageNet normalisation (on the GPU), robust RGB decoding
+  roi_crop ................... §3.1 crop of an expanded box + the box mask in crop coordinates
+  BoxDataset, collate_boxes .. training: one sample = one box of a COCO instances JSON
+  ImageBoxes, collate_images . labeling: one item = one image with all its boxes
+  make_demo, make_coco_like .. a deterministic synthetic COCO-format set (and the CLI at the end)
+
+Coordinates: boxes are xyxy float pixels, pixel (i, j) covers [j, j+1) x [i, i+1), its centre is
+(j + 0.5, i + 0.5). COCO's bbox is xywh and is converted on reading.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageStat
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation. The loader ships uint8 (4x fewer host->device bytes); the GPU normalises.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Minimum box area (px²) used by the public MAL recipe; BoxDataset's own default is 0 (keep all).
+RECIPE_MIN_AREA = 2048.0
+
+
+def normalize(x):
+    """uint8 (or float in 0..255) images [..., 3, H, W] -> float, ImageNet mean/std, on x's device."""
+    if not torch.is_floating_point(x):
+        x = x.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1) * 255
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding. EXIF orientation is deliberately NOT applied: COCO boxes refer to the pixels as stored
+# in the file (COCO's width/height are the stored size), so rotating would misalign every box.
+
+
+class ImageError(Exception):
+    """An image that cannot be used; str(e) is one line: "<path>: <reason>"."""
+
+
+def _to_uint8_range(a, mode):
+    """High-bit-depth pixels -> 0..255 floats. Fixed ranges where the data fits one (so that all
+    images of a dataset look alike), a per-image min-max stretch only for unknown ranges."""
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros_like(a)
+    lo, hi = a[finite].min(), a[finite].max()
+    a = np.where(finite, a, lo)
+    if mode == "F" and lo >= 0 and hi <= 1:
+        return a * 255.0  # float image in 0..1
+    if lo >= 0 and hi <= 255:
+        return a  # 8-bit data in a wide container
+    if lo >= 0 and hi <= 65535:
+        return a / 257.0  # 16-bit data: full 16-bit range -> 0..255
+    return (a - lo) * (255.0 / (hi - lo))  # unknown range: stretch
+
+
+def _to_rgb(im):
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        g = _to_uint8_range(np.asarray(im), im.mode)
+        return Image.fromarray(np.round(g).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")  # then alpha is dropped (stored colours kept), as COCO has none
+    return im.convert("RGB")  # L, 1, P, RGBA, CMYK, YCbCr, ...
+
+
+def load_rgb(path):
+    """Decode an image file fully into an RGB PIL image; raises ImageError on any failure."""
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, inside the try: a truncated file fails here, not later
+            return _to_rgb(im)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image (corrupt or unknown format)") from None
+    except Exception as e:  # truncated data, decoder errors, unsupported modes, bombs, ...
+        msg = " ".join(str(e).split())
+        raise ImageError(f"{path}: {type(e).__name__}: {msg}" if msg else f"{path}: {type(e).__name__}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# §3.1 RoI input: crop the expanded box b', resize it to size x size; the box b as a mask.
+#
+# Mapping (no flip): crop pixel (u, v) has its centre at image coordinates
+#     x = x0 + (u + 0.5) * (x1 - x0) / size,      y = y0 + (v + 0.5) * (y1 - y0) / size
+# where (x0, y0, x1, y1) is the crop box actually used (crop_used). Inverse (for pasting back):
+#     u = (x - x0) * size / (x1 - x0) - 0.5.
+# This is exactly PIL's resize(box=...) convention, so the resampled pixels and the mask agree.
+
+
+def crop_to_image(u, crop, size):
+    """Crop pixel index (u along x, or v along y with the y entries) -> image coordinate."""
+    x0, _, x1, _ = crop
+    return x0 + (u + 0.5) * (x1 - x0) / size
+
+
+def image_to_crop(x, crop, size):
+    """Inverse of crop_to_image: image x coordinate -> fractional crop pixel index."""
+    x0, _, x1, _ = crop
+    return (x - x0) * size / (x1 - x0) - 0.5
+
+
+def _clamp_interval(a, b, length, min_side=1.0):
+    """Intersect [a, b] with [0, length]; keep at least min_side (or the whole image if smaller)."""
+    a, b = max(a, 0.0), min(b, float(length))
+    if b - a < min_side:
+        side = min(min_side, float(length))
+        c = min(max((a + b) / 2, side / 2), length - side / 2)
+        a, b = c - side / 2, c + side / 2
+    return a, b
+
+
+def clamp_crop(crop_xyxy, width, height):
+    """The expanded crop box clamped to the image (see roi_crop for why clamp, not pad)."""
+    x0, y0, x1, y1 = (float(v) for v in crop_xyxy)
+    x0, x1 = _clamp_interval(x0, x1, width)
+    y0, y1 = _clamp_interval(y0, y1, height)
+    return (x0, y0, x1, y1)
+
+
+def _axis_mask(lo, hi, c0, c1, size):
+    """Crop pixels along one axis whose centres fall in [lo, hi]; at least the nearest one."""
+    centres = c0 + (torch.arange(size, dtype=torch.float64) + 0.5) * ((c1 - c0) / size)
+    m = (centres >= lo) & (centres <= hi)
+    if not m.any():  # box thinner than a crop pixel: mark the pixel holding its centre
+        k = int((((lo + hi) / 2 - c0) / (c1 - c0)) * size)
+        m[min(max(k, 0), size - 1)] = True
+    return m
+
+
+def box_mask_in_crop(box_xyxy, crop_xyxy, size):
+    """The box rasterised in crop pixels: 1 where the pixel centre is inside the box. [size, size]."""
+    bx0, by0, bx1, by1 = (float(v) for v in box_xyxy)
+    x0, y0, x1, y1 = crop_xyxy
+    mx = _axis_mask(bx0, bx1, x0, x1, size)
+    my = _axis_mask(by0, by1, y0, y1, size)
+    return (my[:, None] & mx[None, :]).float()
+
+
+def _pil_to_tensor(img):
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _crop_pil(img, crop_used, size):
+    # Crop and resize in one call; PIL's bilinear filter widens its support when shrinking,
+    # so downscaled crops are antialiased.
+    return img.resize((size, size), Image.BILINEAR, box=crop_used)
+
+
+def roi_crop(img, box_xyxy, crop_xyxy, size):
+    """§3.1: crop `crop_xyxy` (the expanded box) from `img` and resize it to size x size.
+
+    The crop is CLAMPED to the image rather than padded: a constant-colour pad would put a sharp
+    artificial edge into the crop, which the CRF's colour affinity (§3.3) would read as an object
+    boundary; clamping keeps only real pixels (the crop's aspect ratio changes instead, as the
+    resize to a square already does). Returns (crop uint8 [3,S,S], box_mask float [S,S],
+    crop_used xyxy floats); see the mapping above.
+    """
+    crop_used = clamp_crop(crop_xyxy, *img.size)
+    crop = _pil_to_tensor(_crop_pil(img, crop_used, size))
+    return crop, box_mask_in_crop(box_xyxy, crop_used, size), crop_used
+
+
+# ----------------------------------------------------------------------------------------------
+# §4.2 augmentation. Both networks see the same crop and flip; only the task network gets colour
+# jitter, random greyscale and Gaussian blur. Jitter + greyscale are all affine colour maps, so
+# they are folded into one 3x3 matrix + offset and applied by PIL in a single uint8 pass.
+
+_GREY = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                    dtype=torch.float64)
+_YIQ_INV = torch.linalg.inv(_YIQ)
+
+# Colour-jitter strengths (torchvision ColorJitter conventions) and probabilities.
+JITTER = dict(p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+P_GREY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
+
+
+def _colour_affine(u, mean_rgb):
+    """Random colour map from 6 uniforms u (jitter?, b, c, s, h, grey?) as PIL's 12-tuple
+    convert matrix (rows: 3 weights + offset); None when the draw is the identity."""
+    ident = torch.eye(3, dtype=torch.float64)
+    ones = torch.ones(3, 1, dtype=torch.float64)
+    A, off = ident.clone(), torch.zeros(3, dtype=torch.float64)
+    if u[0] < JITTER["p"]:
+        b = 1 + JITTER["brightness"] * (2 * u[1] - 1)
+        c = 1 + JITTER["contrast"] * (2 * u[2] - 1)
+        s = 1 + JITTER["saturation"] * (2 * u[3] - 1)
+        h = JITTER["hue"] * (2 * u[4] - 1) * 2 * math.pi  # rotation of the chroma plane (YIQ)
+        A = b * A  # brightness
+        mean_grey = float(_GREY @ torch.as_tensor(mean_rgb, dtype=torch.float64)) * b
+        A, off = c * A, torch.full((3,), (1 - c) * mean_grey, dtype=torch.float64)  # contrast
+        A = (s * ident + (1 - s) * ones @ _GREY[None]) @ A  # saturation (keeps grey, off unchanged)
+        rot = torch.tensor([[1, 0, 0], [0, math.cos(h), -math.sin(h)], [0, math.sin(h), math.cos(h)]],
+                           dtype=torch.float64)
+        A = _YIQ_INV @ rot @ _YIQ @ A  # hue (grey has no chroma: off unchanged)
+    if u[5] < P_GREY:
+        A = ones @ _GREY[None] @ A  # greyscale, 3 equal channels
+    if torch.equal(A, ident):
+        return None
+    return tuple(torch.cat([A, off[:, None]], 1).flatten().tolist())
+
+
+def _blurred_crop(img, crop_used, size, sigma):
+    """The crop with a Gaussian blur of `sigma` OUTPUT pixels. When the crop is upscaled (the usual
+    case) the blur is done on the smaller source region with sigma scaled per axis, then resized:
+    the same blur at a fraction of the cost of blurring size x size pixels."""
+    x0, y0, x1, y1 = crop_used
+    sx, sy = (x1 - x0) / size, (y1 - y0) / size  # source pixels per output pixel
+    if sx * sy >= 1:
+        return _crop_pil(img, crop_used, size).filter(ImageFilter.GaussianBlur(sigma))
+    m = int(math.ceil(3 * sigma * max(sx, sy))) + 2  # margin so the blur sees real neighbours
+    X0, Y0 = max(int(math.floor(x0)) - m, 0), max(int(math.floor(y0)) - m, 0)
+    X1, Y1 = min(int(math.ceil(x1)) + m, img.size[0]), min(int(math.ceil(y1)) + m, img.size[1])
+    region = img.crop((X0, Y0, X1, Y1)).filter(ImageFilter.GaussianBlur((sigma * sx, sigma * sy)))
+    return _crop_pil(region, (x0 - X0, y0 - Y0, x1 - X0, y1 - Y0), size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Box reading shared by both datasets.
+
+
+def _box_problem(x, y, w, h, width, height):
+    """None if the xywh box is usable on a width x height image, else a short reason."""
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return "degenerate", "non-finite bbox"
+    if w <= 0 or h <= 0:
+        return "degenerate", f"zero/negative size {w:g}x{h:g}"
+    if width is not None and height is not None:
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            return "outside_image", "bbox does not overlap the image"
+    return None
+
+
+def _clip_box(box, width, height):
+    x0, y0, x1, y1 = box
+    return (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
+            min(max(x1, 0.0), width), min(max(y1, 0.0), height))
+
+
+def _sample_seed(*keys):
+    """A 63-bit seed from integer keys (seed, epoch, index): independent of workers and order."""
+    ss = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
+    return int(ss.generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+
+
+class BoxDataset(torch.utils.data.Dataset):
+    """Training set of MAL: one sample = one box of a COCO-format instances JSON (class-agnostic).
+
+    Only `bbox` is read (annotations need no `segmentation`). Boxes are skipped, and counted in
+    `self.skipped`, when: the image entry is missing, iscrowd, non-finite or w<=0/h<=0
+    ("degenerate"), not overlapping the image, or w*h < min_area (the public recipe uses
+    RECIPE_MIN_AREA = 2048).
+
+    Sample dict: image (uint8 [3,S,S], task-network input: flip + jitter/grey/blur),
+    teacher_image (uint8 [3,S,S], same crop and flip, no colour augmentation), box_mask (float [S,S]),
+    valid (bool), ann_id, image_id, index (ints), crop_box (float64 [4], clamped crop in image
+    coordinates), flipped (bool: image, teacher_image and box_mask are mirrored; u -> S-1-u).
+
+    Randomness: train mode draws the §3.1 expansion (mal.expand_box), flip and augmentation from a
+    generator seeded by (seed, epoch, index): samples do not depend on num_workers or order. Call
+    set_epoch(e) before creating each epoch's iterator (not compatible with persistent_workers:
+    workers keep the dataset copy they were created with). Eval mode (train=False):
+    mal.expand_box_fixed(box, t), no flip, no augmentation; image IS teacher_image (same tensor).
+
+    Unreadable images are only discovered in __getitem__, which never raises for them: it warns
+    once per file (per worker process), records it in `self.bad_images` {path: reason} and
+    `self.n_invalid`, and returns a sample with valid=False (zero tensors of the same shapes).
+    These counters live in each worker; collate_boxes drops invalid samples and reports their
+    number as batch['n_invalid'], which is what the training loop should sum.
+
+    Decoding: a small per-process LRU cache holds the last `cache_size` decoded images, so boxes of
+    one image read consecutively decode it once; use ImageGroupedSampler to get such an order.
+    """
+
+    SKIP_REASONS = ("missing_image_entry", "iscrowd", "degenerate", "outside_image", "small_area")
+
+    def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
+                 t=0.2, color_aug=True, cache_size=4, check_size=True):
+        if isinstance(ann_json, dict):
+            coco = ann_json
+        else:
+            with open(ann_json) as f:
+                coco = json.load(f)
+        self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
+        self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
+        self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
+        self.epoch = 0
+
+        # Per-image arrays (numpy, not lists of dicts: forked workers do not copy them on access).
+        images = coco.get("images", [])
+        row = {im["id"]: k for k, im in enumerate(images)}
+        self.file_names = np.array([im["file_name"] for im in images] or [""], dtype=str)
+        self.image_ids = np.array([im["id"] for im in images], dtype=np.int64)
+        self.widths = np.array([im.get("width", -1) for im in images], dtype=np.int64)
+        self.heights = np.array([im.get("height", -1) for im in images], dtype=np.int64)
+
+        self.skipped = {r: 0 for r in self.SKIP_REASONS}
+        boxes, ann_ids, img_rows = [], [], []
+        for a in coco.get("annotations", []):
+            k = row.get(a.get("image_id"))
+            if k is None:
+                self.skipped["missing_image_entry"] += 1
+                continue
+            if a.get("iscrowd", 0):
+                self.skipped["iscrowd"] += 1
+                continue
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+            except (KeyError, TypeError, ValueError):
+                x = y = w = h = float("nan")
+            W, H = int(self.widths[k]), int(self.heights[k])
+            problem = _box_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
+            if problem:
+                self.skipped[problem[0]] += 1
+                continue
+            if w * h < self.min_area:
+                self.skipped["small_area"] += 1
+                continue
+            boxes.append((x, y, x + w, y + h))
+            ann_ids.append(a["id"])
+            img_rows.append(k)
+        self.boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+        self.ann_ids = np.array(ann_ids, dtype=np.int64)
+        self.img_rows = np.array(img_rows, dtype=np.int64)
+        self.n_images_used = len(np.unique(self.img_rows))
+
+        self._cache = OrderedDict()  # path -> decoded RGB image (per process)
+        self.bad_images = {}  # path -> reason (per process)
+        self.n_invalid = 0  # invalid samples returned (per process)
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def describe(self):
+        skipped = ", ".join(f"{r}={n}" for r, n in self.skipped.items() if n)
+        return (f"{len(self)} boxes on {self.n_images_used} of {len(self.image_ids)} images"
+                f" (min_area={self.min_area:g}); skipped {sum(self.skipped.values())}"
+                + (f": {skipped}" if skipped else ""))
+
+    def grouped_order(self, epoch=None, shuffle=True):
+        """All indices, boxes of one image consecutive, images (and boxes within) in a random order
+        seeded by (seed, epoch). Trade-off: each image is decoded ~once per epoch instead of once per
+        box, but a batch then holds several boxes of the same image (less diverse batches)."""
+        if not shuffle:
+            return np.lexsort((np.arange(len(self)), self.img_rows))
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), 7])
+        rank = rng.permutation(len(self.image_ids))
+        return np.lexsort((rng.random(len(self)), rank[self.img_rows]))
+
+    def _image(self, k):
+        """Decoded image of row k via the LRU cache; (img, None) or (None, reason)."""
+        path = os.path.join(self.image_dir, str(self.file_names[k]))
+        img = self._cache.get(path)
+        if img is not None:
+            self._cache.move_to_end(path)
+            return img, None
+        if path in self.bad_images:
+            return None, self.bad_images[path]
+        try:
+            img = load_rgb(path)
+            W, H = int(self.widths[k]), int(self.heights[k])
+            if self.check_size and W > 0 and H > 0 and img.size != (W, H):
+                raise ImageError(f"{path}: decoded size {img.size[0]}x{img.size[1]} != annotation {W}x{H}")
+        except ImageError as e:
+            self.bad_images[path] = str(e)
+            warnings.warn(f"BoxDataset: unusable image, its boxes are returned invalid: {e}", stacklevel=2)
+            return None, str(e)
+        if self.cache_size > 0:
+            self._cache[path] = img
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return img, None
+
+    def _invalid(self, i):
+        S = self.size
+        self.n_invalid += 1
+        z = torch.zeros(3, S, S, dtype=torch.uint8)
+        return dict(image=z, teacher_image=z.clone(), box_mask=torch.zeros(S, S), valid=False,
+                    ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[self.img_rows[i]]), index=i,
+                    crop_box=torch.zeros(4, dtype=torch.float64), flipped=False)
+
+    def __getitem__(self, i):
+        import mal  # lazy: data.py stays importable on its own
+
+        i = int(i)
+        k = int(self.img_rows[i])
+        img, _ = self._image(k)
+        if img is None:
+            return self._invalid(i)
+        box = _clip_box(tuple(self.boxes[i]), *img.size)
+        if self.train:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, i))
+            crop_box = mal.expand_box(box, self.theta, generator=g)  # §3.1 random expansion
+            u = torch.rand(9, generator=g, dtype=torch.float64).tolist()
+        else:
+            crop_box = mal.expand_box_fixed(box, self.t)
+            u = [1.0] * 9  # no flip, no augmentation
+        crop_used = clamp_crop(crop_box, *img.size)
+        crop_pil = _crop_pil(img, crop_used, self.size)
+        mask = box_mask_in_crop(box, crop_used, self.size)
+        flipped = u[0] < 0.5
+        if flipped:  # §4.2 random flip, identical for both networks and the box mask
+            crop_pil = crop_pil.transpose(Image.FLIP_LEFT_RIGHT)
+            mask = mask.flip(-1)
+        teacher = _pil_to_tensor(crop_pil)
+        image = teacher
+        if self.train and self.color_aug:  # task network only: blur, colour jitter, greyscale
+            aug = crop_pil
+            if u[1] < P_BLUR:
+                sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[2]
+                aug = _blurred_crop(img, crop_used, self.size, sigma)
+                if flipped:
+                    aug = aug.transpose(Image.FLIP_LEFT_RIGHT)
+            matrix = _colour_affine(u[3:9], ImageStat.Stat(crop_pil).mean)
+            if matrix is not None:
+                aug = aug.convert("RGB", matrix)
+            if aug is not crop_pil:
+                image = _pil_to_tensor(aug)
+        return dict(image=image, teacher_image=teacher, box_mask=mask, valid=True,
+                    ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[k]), index=i,
+                    crop_box=torch.tensor(crop_used, dtype=torch.float64), flipped=flipped)
+
+
+class ImageGroupedSampler(torch.utils.data.Sampler):
+    """Yields dataset.grouped_order(dataset.epoch): boxes of one image consecutively, so that
+    (with DataLoader batching, batch k going to worker k % W) the per-worker cache decodes each
+    image about once. Reads the epoch from the dataset: one set_epoch call drives both."""
+
+    def __init__(self, dataset, shuffle=True):
+        self.dataset, self.shuffle = dataset, shuffle
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __iter__(self):
+        return iter(self.dataset.grouped_order(shuffle=self.shuffle).tolist())
+
+
+def collate_boxes(samples):
+    """Stack valid samples into a batch dict (tensors only, pin_memory friendly); invalid samples
+    are dropped and counted in batch['n_invalid'] (a batch may end up with 0 samples)."""
+    good = [s for s in samples if s["valid"]]
+    if good:
+        stack = lambda key: torch.stack([s[key] for s in good])
+    else:  # keep shapes: [0, 3, S, S] etc.
+        stack = lambda key: samples[0][key].new_empty((0,) + tuple(samples[0][key].shape))
+    return dict(
+        image=stack("image"), teacher_image=stack("teacher_image"), box_mask=stack("box_mask"),
+        crop_box=stack("crop_box"),
+        ann_id=torch.tensor([s["ann_id"] for s in good], dtype=torch.int64),
+        image_id=torch.tensor([s["image_id"] for s in good], dtype=torch.int64),
+        index=torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        flipped=torch.tensor([s["flipped"] for s in good], dtype=torch.bool),
+        n_invalid=len(samples) - len(good),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Labeling side: one item = one image (decoded once) with all its boxes, deterministic crops.
+
+
+class ImageBoxes(torch.utils.data.Dataset):
+    """images: list of dicts (id, file_name, width, height); boxes_by_image: image_id -> list of
+    (ann_id, bbox_xywh). Item dict: image_id, file_name, width, height (decoded size, or the JSON's
+    when the image failed), ann_ids LongTensor [n], crops uint8 [n,3,S,S], box_masks float [n,S,S],
+    crop_boxes float64 [n,4] (clamped crops, xyxy; mapping as in roi_crop), error (None or
+    "<path>: <reason>" for a missing/corrupt image or a size that differs from the JSON),
+    bad: [(ann_id, reason)] for EVERY box that got no crop — degenerate boxes, and all the boxes
+    of an image with an error. Crops use mal.expand_box_fixed(box, t), no flip."""
+
+    def __init__(self, images, boxes_by_image, image_dir, size=512, t=0.2):
+        self.images, self.boxes_by_image = list(images), boxes_by_image
+        self.image_dir, self.size, self.t = os.fspath(image_dir), int(size), float(t)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, k):
+        import mal
+
+        entry = self.images[k]
+        boxes = list(self.boxes_by_image.get(entry["id"], []))
+        path = os.path.join(self.image_dir, entry["file_name"])
+        W, H = entry.get("width"), entry.get("height")
+        img, error = None, None
+        try:
+            img = load_rgb(path)
+            if W is not None and H is not None and img.size != (W, H):
+                error = f"{path}: decoded size {img.size[0]}x{img.size[1]} != annotation {W}x{H}"
+            W, H = img.size
+        except ImageError as e:
+            error = str(e)
+        S = self.size
+        crops, masks, used, ann_ids, bad = [], [], [], [], []
+        for ann_id, bbox in boxes:
+            if error is not None:
+                bad.append((ann_id, error))
+                continue
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                x = y = w = h = float("nan")
+            problem = _box_problem(x, y, w, h, W, H)
+            if problem:
+                bad.append((ann_id, problem[1]))
+                continue
+            box = _clip_box((x, y, x + w, y + h), W, H)
+            c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, self.t), S)
+            crops.append(c), masks.append(m), used.append(cu), ann_ids.append(ann_id)
+        return dict(
+            image_id=entry["id"], file_name=entry["file_name"], width=W, height=H,
+            ann_ids=torch.tensor(ann_ids, dtype=torch.int64),
+            crops=torch.stack(crops) if crops else torch.empty(0, 3, S, S, dtype=torch.uint8),
+            box_masks=torch.stack(masks) if masks else torch.empty(0, S, S),
+            crop_boxes=torch.tensor(used, dtype=torch.float64).reshape(-1, 4),
+            error=error, bad=bad)
+
+
+def collate_images(items):
+    """Concatenate the crops of several images into one batch. image_index [N] says which entry of
+    batch['images'] (per-image bookkeeping: image_id, file_name, width, height, error, bad, n) each
+    crop belongs to."""
+    return dict(
+        crops=torch.cat([it["crops"] for it in items]),
+        box_masks=torch.cat([it["box_masks"] for it in items]),
+        crop_boxes=torch.cat([it["crop_boxes"] for it in items]),
+        ann_ids=torch.cat([it["ann_ids"] for it in items]),
+        image_index=torch.cat([torch.full((len(it["ann_ids"]),), j, dtype=torch.int64)
+                               for j, it in enumerate(items)]),
+        images=[dict(image_id=it["image_id"], file_name=it["file_name"], width=it["width"],
+                     height=it["height"], error=it["error"], bad=it["bad"], n=len(it["ann_ids"]))
+                for it in items])
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded demo dataset: textured backgrounds, 3-7 non-convex, partly occluded objects per
+# image, COCO-format JSON with GT masks as compressed RLE (for evaluation only). Deterministic:
+# image i of a split depends only on (seed, split, i).
+
+DEMO_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "star"}, {"id": 3, "name": "ring"},
+                   {"id": 4, "name": "crescent"}, {"id": 5, "name": "ell"}]
+_DEMO_VERSION = 1
+
+
+def _atomic_write(path, data):
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _random_colour(rng, lo=30, hi=225):
+    return rng.uniform(lo, hi, size=3)
+
+
+def _background(rng, W, H):
+    """Smooth noise, a gradient or soft stripes of random colours, plus fine noise. float [H,W,3]."""
+    base = _random_colour(rng, 50, 205)
+    kind = rng.integers(3)
+    if kind == 0:  # smooth noise: a coarse random grid upsampled bicubically
+        gh, gw = rng.integers(3, 7, size=2)
+        grid = np.clip(base + rng.uniform(-40, 40, size=(gh, gw, 3)), 0, 255).astype(np.uint8)
+        bg = np.asarray(Image.fromarray(grid).resize((W, H), Image.BICUBIC), dtype=np.float64)
+    else:
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        ang = rng.uniform(0, np.pi)
+        t = (xx * np.cos(ang) + yy * np.sin(ang)) / max(W, H)
+        other = base + rng.uniform(-45, 45, size=3)
+        if kind == 1:  # linear gradient
+            w = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+        else:  # soft stripes
+            period = rng.uniform(0.08, 0.25)
+            w = 0.5 + 0.5 * np.sin(2 * np.pi * t / period)
+        bg = base + w[..., None] * (other - base)
+    return bg + 4 * rng.standard_normal((H, W, 3), dtype=np.float32), base
+
+
+def _polygon(rng, kind, r):
+    """Shape outline(s) centred at 0: list of (points [n,2], fill) drawn in order (fill 0 = hole)."""
+    if kind == "blob":  # perturbed radial function; low harmonics make it non-convex
+        phi = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+        rad = np.ones_like(phi)
+        for k in (2, 3, 4, 5):
+            rad += rng.uniform(0, 0.28) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+        rad = r * np.clip(rad, 0.25, None) / rad.max()
+        return [(np.stack([rad * np.cos(phi), rad * np.sin(phi)], 1), 1)]
+    if kind == "star":
+        n = int(rng.integers(5, 9))
+        inner = rng.uniform(0.35, 0.6)
+        phi = np.linspace(0, 2 * np.pi, 2 * n, endpoint=False)
+        rad = r * np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
+        return [(np.stack([rad * np.cos(phi), rad * np.sin(phi)], 1), 1)]
+    phi = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+    circle = np.stack([np.cos(phi), np.sin(phi)], 1)
+    if kind == "ring":  # annulus with a hole (background shows through)
+        ri = rng.uniform(0.45, 0.65)
+        off = rng.uniform(-0.1, 0.1, size=2) * r
+        return [(r * circle, 1), (ri * r * circle + off, 0)]
+    if kind == "crescent":  # disk minus a shifted disk
+        d = rng.uniform(0.35, 0.6) * r
+        a = rng.uniform(0, 2 * np.pi)
+        return [(r * circle, 1), (rng.uniform(0.85, 1.0) * r * circle + d * np.array([np.cos(a), np.sin(a)]), 0)]
+    # "ell": an L-shape
+    t = rng.uniform(0.35, 0.55)
+    pts = np.array([(0, 0), (2, 0), (2, t), (t, t), (t, 2), (0, 2)], dtype=np.float64) - (2 + t) / 4
+    return [(pts * r * 0.75, 1)]
+
+
+def _shape_mask(rng, kind, cx, cy, r, W, H):
+    aspect, ang = rng.uniform(0.65, 1.0), rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    canvas = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(canvas)
+    for pts, fill in _polygon(rng, kind, r):
+        p = (pts * np.array([1.0, aspect])) @ rot.T + np.array([cx, cy])
+        draw.polygon([tuple(q) for q in p.round(2).tolist()], fill=fill)
+    return np.asarray(canvas) > 0
+
+
+def _object_texture(rng, colour, xs, ys, W, H):
+    """The object's own colour with a linear shading and mild noise at pixels (ys, xs). float [n,3]."""
+    ang = rng.uniform(0, 2 * np.pi)
+    shade = ((xs - W / 2) * np.cos(ang) + (ys - H / 2) * np.sin(ang)) / max(W, H) * rng.uniform(10, 30)
+    return colour + shade[:, None] + rng.normal(0, 5, size=(len(xs), 3))
+
+
+def _render_image(rng, W, H, n_objects):
+    """One image and the visible masks of its objects: (uint8 [H,W,3], [(category_id, mask)])."""
+    img, bg_colour = _background(rng, W, H)
+    names = [c["name"] for c in DEMO_CATEGORIES]
+    side = min(W, H)
+    # Sizes from small to large (COCO: < 32², > 96² at 256x192): log-uniform radii, and half of the
+    # images get one large object. Larger objects are drawn first, smaller ones on top.
+    radii = np.exp(rng.uniform(np.log(0.035 * side), np.log(0.3 * side), size=n_objects))
+    if rng.random() < 0.5:
+        radii[0] = rng.uniform(0.4, 0.55) * side
+    radii = np.sort(radii)[::-1]
+    objects = []  # [category_id, full mask, visible mask]
+    for r in radii:
+        cat = int(rng.integers(len(names)))
+        cx, cy = rng.uniform(0.08 * W, 0.92 * W), rng.uniform(0.08 * H, 0.92 * H)
+        m = _shape_mask(rng, names[cat], cx, cy, r, W, H)
+        for _ in range(20):  # a colour clearly different from the background (for the CRF)
+            colour = _random_colour(rng)
+            if np.linalg.norm(colour - bg_colour) > 110:
+                break
+        ys, xs = np.nonzero(m)
+        img[ys, xs] = _object_texture(rng, colour, xs, ys, W, H)
+        for o in objects:
+            o[2] &= ~m  # occlusion: earlier objects keep only their visible part
+        objects.append([DEMO_CATEGORIES[cat]["id"], m, m.copy()])
+    kept = []
+    for cat_id, full, vis in objects:
+        area, full_area = int(vis.sum()), int(full.sum())
+        if full_area == 0 or area < 0.4 * full_area or area < 24:
+            continue
+        ys, xs = np.nonzero(vis.any(1))[0], np.nonzero(vis.any(0))[0]
+        if xs[-1] - xs[0] + 1 < 4 or ys[-1] - ys[0] + 1 < 4:
+            continue
+        kept.append((cat_id, vis))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), kept
+
+
+def _make_split(root, split, code, n, size, n_objects, seed, ann_start=1):
+    """Render split images to root/split/*.jpg; return the COCO dict."""
+    from pycocotools import mask as mask_utils
+
+    W, H = size
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, code, i])
+        k = int(rng.integers(n_objects[0], n_objects[1] + 1))
+        pixels, objects = _render_image(rng, W, H, k)
+        name = f"{i:06d}.jpg"
+        buf = _encode_jpeg(pixels)
+        _atomic_write(os.path.join(root, split, name), buf)
+        images.append(dict(id=i + 1, file_name=name, width=W, height=H))
+        for cat_id, vis in objects:
+            ys, xs = np.nonzero(vis.any(1))[0], np.nonzero(vis.any(0))[0]
+            rle = mask_utils.encode(np.asfortranarray(vis.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            annotations.append(dict(
+                id=ann_start + len(annotations), image_id=i + 1, category_id=cat_id,
+                bbox=[int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)],
+                area=int(vis.sum()), iscrowd=0, segmentation=rle))
+    return dict(info=dict(description=f"MAL synthetic demo set ({split})", version=_DEMO_VERSION),
+                images=images, annotations=annotations, categories=DEMO_CATEGORIES)
+
+
+def _encode_jpeg(pixels, quality=92):
+    import io
+
+    bio = io.BytesIO()
+    Image.fromarray(pixels).save(bio, format="JPEG", quality=quality)
+    return bio.getvalue()
+
+
+def _cached_set(root, params, build):
+    """Return the manifest's paths if root holds a complete set made with `params`, else build it.
+    The manifest is written last (atomically), so an interrupted build is simply redone."""
+    root = os.path.abspath(os.fspath(root))
+    manifest = os.path.join(root, "manifest.json")
+    try:
+        with open(manifest) as f:
+            m = json.load(f)
+        if m.get("params") == params and all(os.path.exists(os.path.join(root, p)) for p in m["files"]):
+            return {k: os.path.join(root, v) for k, v in m["paths"].items()}
+    except (OSError, ValueError, KeyError):
+        pass
+    os.makedirs(root, exist_ok=True)
+    paths, files = build(root)
+    _atomic_write(manifest, json.dumps(dict(params=params, paths=paths, files=files), indent=1).encode())
+    return {k: os.path.join(root, v) for k, v in paths.items()}
+
+
+def _build_splits(root, splits, size, n_objects, seed):
+    paths, files = {}, []
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split, code, n in splits:
+        coco = _make_split(root, split, code, n, size, n_objects, seed)
+        rel = f"annotations/instances_{split}.json"
+        _atomic_write(os.path.join(root, rel), json.dumps(coco).encode())
+        paths[f"{split}_json"], paths[f"{split}_images"] = rel, split
+        files += [rel] + [f"{split}/{im['file_name']}" for im in coco["images"]]
+    return paths, files
+
+
+def make_demo(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
+    """The demo set under root (cached): dict(train_json, train_images, val_json, val_images)."""
+    size, n_obj = tuple(int(v) for v in image_size), (3, 7)
+    params = dict(kind="demo", version=_DEMO_VERSION, n_train=int(n_train), n_val=int(n_val),
+                  image_size=list(size), seed=int(seed))
+    build = lambda r: _build_splits(r, [("train", 0, int(n_train)), ("val", 1, int(n_val))], size, n_obj, int(seed))
+    return _cached_set(root, params, build)
+
+
+def make_coco_like(root, n_images, size=(640, 480), boxes_per_image=7, seed=0):
+    """COCO-like 640x480 JPEGs with ~boxes_per_image boxes each (a few drop out by occlusion), for
+    throughput benchmarks (cached): dict(json, images)."""
+    size, k = tuple(int(v) for v in size), int(boxes_per_image)
+    params = dict(kind="coco_like", version=_DEMO_VERSION, n_images=int(n_images), image_size=list(size),
+                  boxes_per_image=k, seed=int(seed))
+    build = lambda r: _build_splits(r, [("images", 2, int(n_images))], size, (k, k), int(seed))
+    out = _cached_set(root, params, build)
+    return dict(json=out["images_json"], images=out["images_images"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _stats(args):
+    ds = BoxDataset(args.json, args.images, train=False, min_area=args.min_area)
+    print(ds.describe())
+    wh = ds.boxes[:, 2:] - ds.boxes[:, :2]
+    area = wh.prod(1)
+    print(f"kept boxes by COCO area: small(<32²)={int((area < 32 ** 2).sum())} "
+          f"medium={int(((area >= 32 ** 2) & (area < 96 ** 2)).sum())} large(>=96²)={int((area >= 96 ** 2).sum())}")
+    if args.check_images:
+        rows = np.unique(ds.img_rows)
+        bad = 0
+        for k in rows:
+            _, err = ds._image(int(k))
+            bad += err is not None
+        print(f"images checked: {len(rows)}, unusable: {bad}" + "".join(f"\n  {r}" for r in ds.bad_images.values()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MAL data utilities: demo set generation and dataset stats.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="generate (or reuse) the synthetic demo set")
+    d.add_argument("--out", required=True, help="output folder (reused when already complete)")
+    d.add_argument("--n-train", type=int, default=240, help="number of training images")
+    d.add_argument("--n-val", type=int, default=60, help="number of validation images")
+    d.add_argument("--seed", type=int, default=0, help="generator seed")
+    d.add_argument("--size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"), help="image size")
+    c = sub.add_parser("coco-like", help="generate (or reuse) 640x480 images with ~7 boxes for benchmarks")
+    c.add_argument("--out", required=True, help="output folder (reused when already complete)")
+    c.add_argument("--n", type=int, default=100, help="number of images")
+    c.add_argument("--seed", type=int, default=0, help="generator seed")
+    s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON")
+    s.add_argument("--json", required=True, help="COCO-format instances JSON")
+    s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
+    s.add_argument("--min-area", type=float, default=0.0, help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
+    s.add_argument("--check-images", action="store_true", help="also decode every used image and report failures")
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        t0 = time.time()
+        out = make_demo(args.out, args.n_train, args.n_val, tuple(args.size), args.seed)
+        for k, v in out.items():
+            print(f"{k}: {v}")
+        print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
+    elif args.cmd == "coco-like":
+        for k, v in make_coco_like(args.out, args.n, seed=args.seed).items():
+            print(f"{k}: {v}")
+    else:
+        _stats(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Phase 1 of MAL: train the mask auto-labeler on boxes (§3, recipe of §4.2).
+
+    python train.py                                   # the demo: synthetic data, small model, ~10 min on 2 CPU cores
+    python train.py --train-json boxes.json --images DIR --out runs/mine       # one process
+    torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # DDP on 8 GPUs
+
+One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
+The run folder holds last.pt (the whole state; --resume continues it exactly), epoch_N.pt,
+log.jsonl (the progress numbers) and val.jsonl (validation mIoU at each epoch end).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import mal
+
+# The embedded demo: a 3-block vit_tiny/8 at 96 px with a 64-channel decoder on the synthetic set,
+# sized for a 2-core CPU (the decoder's 256 channels at 2× the token grid would cost most of the time).
+DEMO = dict(train_json="demo/data/annotations/instances_train.json", images="demo/data/train",
+            val_json="demo/data/annotations/instances_val.json",
+            val_images="demo/data/val", arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
+            batch_size=16,
+            epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=100, crf_ramp=300, loss_size=48,
+            crf_iters=20, min_area=64.0, drop_path=0.0, out="demo/run", workers=1, val_max_images=60)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set.")
+    a = p.add_argument
+    a("--demo", action="store_true", help="train on the embedded demo set (the default with no arguments)")
+    a("--train-json", help="COCO-format instances JSON; only boxes are read (no segmentation needed)")
+    a("--images", help="folder of the training images (file_name in the JSON is relative to it)")
+    a("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
+    a("--val-images", help="folder of the validation images")
+    a("--val-max-images", type=int, default=200, help="validate on this many images (a fixed subset)")
+    a("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    a("--depth", type=int, default=None, help="override the encoder's number of blocks")
+    a("--patch-size", type=int, default=16, help="ViT patch size (8, 14 and 16 work)")
+    a("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
+    a("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
+    a("--init", help="pretrained encoder (MAE, DeiT, timm or a MAL checkpoint) for mal.load_pretrained")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
+    a("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
+    a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=int, default=10, help="epochs; the learning-rate schedule spans all of them")
+    a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
+    a("--lr-per-image", type=float, default=1.5e-6, help="learning rate per image of the global batch (§4.2)")
+    a("--min-lr-ratio", type=float, default=0.01, help="cosine annealing floor, as a fraction of the peak")
+    a("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up steps")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
+    a("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    a("--ema", type=float, default=0.996, help="EMA teacher momentum (§3.2)")
+    a("--alpha-mil", type=float, default=4.0, help="MIL loss weight (Eq. 1)")
+    a("--alpha-crf", type=float, default=0.5, help="CRF loss weight (Eq. 1)")
+    a("--mil-ramp", type=int, default=1000, help="steps over which the MIL weight ramps in")
+    a("--crf-ramp", type=int, default=4000, help="steps over which the CRF weight ramps in")
+    a("--loss-size", type=int, default=128, help="resolution of the losses and the CRF (up to --img-size)")
+    a("--crf-iters", type=int, default=100, help="mean-field iterations")
+    a("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
+    a("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
+    a("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
+    a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
+    a("--out", default="runs/mal", help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl)")
+    a("--resume", nargs="?", const="last", default=None,
+      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
+    a("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    a("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    a("--save-every", type=int, default=1000, help="write last.pt every this many steps")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    a("--compile", action="store_true", help="torch.compile the task network and the teacher")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or p.parse_args(argv).demo:
+        p.set_defaults(**DEMO)
+    args = p.parse_args(argv)
+    args.demo = args.demo or not argv
+    if not args.train_json or not args.images:
+        p.error("--train-json and --images are required (or run with no arguments for the demo)")
+    return args
+
+
+def lr_at(step, total, peak, warmup, floor):
+    """Linear warm-up, then cosine annealing from peak to floor over the rest of the schedule (§4.2)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """A DistributedSampler that starts `skip` samples into its epoch (resuming mid-epoch)."""
+
+    def __init__(self, sampler, skip=0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # --- distributed setup from torchrun's environment (single process without it) ---
+    ddp = "RANK" in os.environ
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
+    if args.demo and master:
+        data.make_demo(os.path.dirname(args.train_json))
+    if ddp:
+        dist.barrier()
+    os.makedirs(args.out, exist_ok=True)
+
+    # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
+    dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
+                              min_area=args.min_area, theta=args.theta, seed=args.seed)
+    log(f"train: {dataset.describe()}")
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True,
+                                                              seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.train_json}: {len(dataset)} usable boxes are fewer than one global batch "
+                         f"({args.batch_size} × {args.accum} × {world} processes)")
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    global_batch = args.batch_size * args.accum * world
+    peak_lr = args.lr_per_image * global_batch
+
+    # --- model: task network, EMA teacher (§3.2) ---
+    torch.manual_seed(args.seed)
+    model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,
+                      drop_path=args.drop_path, depth=args.depth, decoder_dim=args.decoder_dim)
+    net = mal.MAL(**model_args)
+    if args.init and not args.resume:
+        mal.load_pretrained(net, args.init)
+    net.to(device)
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.9),
+                            fused=device.type == "cuda")
+    step, epoch = 0, 0
+    ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+    if args.resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["model_args"] != model_args:
+            raise SystemExit(f"{ckpt_path}: model {ckpt['model_args']} differs from the arguments' {model_args}")
+        net.load_state_dict(ckpt["task"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
+    teacher = mal.make_teacher(net)
+    if args.resume:
+        teacher.load_state_dict(ckpt["teacher"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
+    task = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
+    run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp, crf_ramp=args.crf_ramp,
+                   loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega)
+
+    def checkpoint(path):
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        save_atomic({"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "rng": rng,
+                     "args": vars(args)}, path)
+
+    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {world}× {device.type}: "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
+        f"global batch {global_batch}, peak lr {peak_lr:.3g}")
+    logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    t_log, t0, step0 = time.time(), time.time(), step
+    sums = None
+    while step < stop_step:
+        # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        done_in_epoch = step - epoch * steps_per_epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
+            num_workers=args.workers, collate_fn=data.collate_boxes, pin_memory=device.type == "cuda", drop_last=True,
+            persistent_workers=False, generator=torch.Generator().manual_seed(args.seed + epoch))
+        batches = iter(loader)
+        for _ in range(done_in_epoch, steps_per_epoch):
+            lr = lr_at(step, total_steps, peak_lr, args.warmup_steps, peak_lr * args.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            for micro in range(args.accum):
+                b = next(batches)
+                weight = 1.0 / args.accum
+                if len(b["image"]) == 0:  # every image of this batch was unreadable: still join DDP's
+                    weight = 0.0          # all-reduce, with a zero-weighted dummy crop
+                    S = args.img_size
+                    b = dict(image=torch.zeros(1, 3, S, S, dtype=torch.uint8), box_mask=torch.ones(1, S, S),
+                             teacher_image=torch.zeros(1, 3, S, S, dtype=torch.uint8))
+                image = data.normalize(b["image"].to(device, non_blocking=True))
+                clean = data.normalize(b["teacher_image"].to(device, non_blocking=True))
+                box = b["box_mask"].to(device, non_blocking=True)
+                sync = micro == args.accum - 1 or not ddp
+                with autocast, (contextlib.nullcontext() if sync else task.no_sync()):
+                    with torch.no_grad():
+                        t_logits = run_teacher(clean)
+                    logits = run_task(image)
+                    loss, terms = mal.mal_loss(logits, t_logits, clean, box, step, **loss_kw)
+                    (loss * weight).backward()
+                terms = torch.stack([terms["loss"], terms["mil"], terms["crf"]])
+                sums = terms if sums is None else sums + terms
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mal.ema_update(teacher, net, args.ema)
+            step += 1
+            if master and (time.time() - t_log > args.log_every or step == stop_step):
+                # .item() only here: no host syncs inside the loop.
+                n = (step - step0) * args.accum
+                loss_v, mil_v, crf_v = (sums / n).tolist()
+                rate = (step - step0) * global_batch / (time.time() - t0)
+                eta = (stop_step - step) * global_batch / max(rate, 1e-9)
+                rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_v, mil=mil_v, crf=crf_v, lr=lr,
+                           crops_per_s=rate, eta_s=eta)
+                log(f"epoch {epoch} step {step}/{stop_step} loss {loss_v:.4f} (mil {mil_v:.4f} crf {crf_v:.4f}) "
+                    f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min")
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                t_log, t0, step0, sums = time.time(), time.time(), step, None
+            if master and step % args.save_every == 0:
+                checkpoint(os.path.join(args.out, "last.pt"))
+            if step >= stop_step:
+                break
+        del batches, loader
+        if step == (epoch + 1) * steps_per_epoch:  # a whole epoch done
+            epoch += 1
+            if master:
+                checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
+                if args.val_json:
+                    validate(args, teacher, device, epoch, step)
+    if master:
+        checkpoint(os.path.join(args.out, "last.pt"))
+        log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
+        if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
+            validate(args, teacher, device, epoch, step)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def validate(args, net, device, epoch, step):
+    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path."""
+    import label
+    res = label.validate(net, args.val_json, args.val_images, device, max_images=args.val_max_images)
+    print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr, flush=True)
+    with open(os.path.join(args.out, "val.jsonl"), "a") as f:
+        f.write(json.dumps(dict(epoch=epoch, step=step, **res)) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
