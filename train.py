@@ -272,8 +272,13 @@ def main(argv=None):
         log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
         if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
             validate(args, teacher, device, epoch, step)
-    if ddp:
-        dist.barrier()
+    if ddp:  # the teacher must be the same on every rank (§3.2): check it, bit for bit
+        fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
+        fps = [torch.empty_like(fp) for _ in range(world)]
+        dist.all_gather(fps, fp.to(device) if device.type == "cuda" else fp)
+        if not all(torch.equal(f.cpu(), fps[0].cpu()) for f in fps):
+            raise RuntimeError("the EMA teacher differs between ranks")
+        log(f"teacher identical on all {world} ranks")
         dist.destroy_process_group()
 
 
