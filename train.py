@@ -26,12 +26,13 @@ import mal
 
 # The embedded demo: a 3-block vit_tiny/8 at 96 px with a 64-channel decoder on the synthetic set,
 # sized for a 2-core CPU (the decoder's 256 channels at 2× the token grid would cost most of the time).
+DEMO_ROOT = "demo/data"  # data.make_demo writes the set here once (cached)
 DEMO = dict(train_json="demo/data/annotations/instances_train.json", images="demo/data/train",
             val_json="demo/data/annotations/instances_val.json",
             val_images="demo/data/val", arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
             batch_size=16,
-            epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=100, crf_ramp=300, loss_size=48,
-            crf_iters=20, min_area=64.0, drop_path=0.0, out="demo/run", workers=1, val_max_images=60)
+            epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=50, crf_ramp=100, loss_size=48,
+            crf_iters=100, min_area=64.0, drop_path=0.0, out="demo/run", workers=1, val_max_images=60)
 
 
 def get_args(argv=None):
@@ -133,14 +134,17 @@ def main(argv=None):
     master = rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
     if args.demo and master:
-        data.make_demo(os.path.dirname(args.train_json))
+        data.make_demo(DEMO_ROOT)
     if ddp:
         dist.barrier()
     os.makedirs(args.out, exist_ok=True)
 
     # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
-    dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
-                              min_area=args.min_area, theta=args.theta, seed=args.seed)
+    try:
+        dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
+                                  min_area=args.min_area, theta=args.theta, seed=args.seed)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{args.train_json}: cannot read the training boxes ({type(e).__name__}: {e})")
     log(f"train: {dataset.describe()}")
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True,
                                                               seed=args.seed, drop_last=True)
