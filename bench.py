@@ -13,12 +13,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 import data
+import label
 import mal
 
 
@@ -123,11 +123,34 @@ def train_rows(device, quick, repeats, batch):
         mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         rows.append(dict(workload=f"train step {arch}/{p} {S}px B={batch} ({name})", unit="crops/s",
                          ours=batch / t, peak_mem_gib=mem, mfu=model_flops(net, S, batch) / t / rate))
-        del net, teacher, opt
     mal.Attention.fused, mal.use_crf_kernel = True, True
     rows[0].update(reference=rows[1]["ours"], ratio=rows[0]["ours"] / rows[1]["ours"])
     rows[0]["matmul_tflops"] = rate / 1e12
     return rows[:1] + [rows[1]]
+
+
+def label_rows(device, quick, workers):
+    """Labeling end to end, from 640x480 JPEGs on disk (~7 boxes each) to RLE in memory, with random
+    weights (speed does not depend on them); and the data-loading rate alone, per worker."""
+    arch, S, p, n = ("vit_tiny", 128, 16, 12) if quick else ("vit_base", 512, 16, 400 if device.type == "cuda" else 8)
+    coco = data.make_coco_like(os.path.join("demo", "coco_like"), n)
+    boxes = label.load_boxes(coco["json"])
+    images = [boxes["images"][i] for i in sorted(boxes["todo"])]
+    n_boxes = sum(len(v) for v in boxes["todo"].values())
+    net = mal.MAL(arch, patch_size=p, img_size=S).eval().to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    run = lambda: label.label_dataset([net], images, boxes["todo"], coco["images"], device,  # noqa: E731
+                                      batch_size=64 if device.type == "cuda" else 16, workers=workers)
+    t = timeit(run, device, repeats=1 if not quick else 2, warmup=1)
+    ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes["todo"].items()},
+                         coco["images"], S)
+    t0 = time.perf_counter()
+    crops = sum(len(ds[k]["ann_ids"]) for k in range(len(ds)))
+    load = crops / (time.perf_counter() - t0)
+    return [dict(workload=f"label end to end {arch}/{p} {S}px, {len(images)} JPEGs 640x480", unit="boxes/s",
+                 ours=n_boxes / t, note=f"{workers} workers"),
+            dict(workload=f"label data loading alone, {S}px crops", unit="crops/s per worker", ours=load)]
 
 
 def main():
@@ -137,6 +160,7 @@ def main():
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
     p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 32 on GPU)")
     p.add_argument("--only", default="crf,train,label", help="comma-separated row groups to run")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="labeling DataLoader workers")
     p.add_argument("--json", default="bench.json", help="where to write the rows")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -148,7 +172,7 @@ def main():
     if "train" in only:
         rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch)
     if "label" in only:
-        rows += label_rows(device, args.quick)
+        rows += label_rows(device, args.quick, args.workers)
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
                torch=torch.__version__, cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
                command="python " + " ".join(sys.argv))

@@ -326,16 +326,17 @@ def _shift(padded, dy, dx):
     return padded[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
 
 
-def mean_field(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
-    """Mean-field inference for the CRF of Eq. 3-4 (the reference, vectorised, float32).
+def mean_field(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, dtype=torch.float32):
+    """Mean-field inference for the CRF of Eq. 3-4 (the reference, vectorised, in float32; dtype=
+    torch.float64 gives the high-precision oracle that the kernel checks use).
 
     image [B,C,H,W] (the crop as the network sees it), prob [B,H,W] the mask to refine, box_mask
     [B,H,W] or None. Unary −log m^a; pairwise ω·k_ij·[X_i ≠ X_j] with the colour affinity
     k_ij = exp(−‖I_i − I_j‖² / 2ζ²) over the 8 neighbours inside the crop. The binary Potts update
     is Q_i ← sigmoid(u_i + ω Σ_j k_ij (2Q_j − 1)), u = log p − log(1 − p), synchronous, with Q = 0
     outside the box. Returns Q [B,H,W]; the hard labels are Q > 0.5."""
-    image = image.float()
-    p = prob.float().clamp(1e-6, 1 - 1e-6)
+    image = image.to(dtype)
+    p = prob.to(dtype).clamp(1e-6, 1 - 1e-6)
     u = torch.log(p) - torch.log(1 - p)
     inside = torch.ones_like(p) if box_mask is None else (box_mask != 0).float()
     # k_ij, computed once: [B, 8, H, W]; a zero-padded validity map kills neighbours outside the crop.
@@ -364,7 +365,8 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
             return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
     try:
         import crf_ext
-        fast, reason = crf_ext.available(prob.device), crf_ext.status().get(dev, "not built")
+        fast = crf_ext.available(prob.device)
+        reason = None if fast else crf_ext.unavailable_reason(prob.device)
     except Exception as e:  # an import error of the package itself
         fast, reason = False, f"{type(e).__name__}: {e}"
     if dev not in _crf_path_logged:

@@ -270,12 +270,12 @@ def main(argv=None):
             if master:
                 checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
                 if args.val_json:
-                    validate(args, teacher, device, epoch, step)
+                    validate(args, net, device, epoch, step)
     if master:
         checkpoint(os.path.join(args.out, "last.pt"))
         log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
         if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
-            validate(args, teacher, device, epoch, step)
+            validate(args, net, device, epoch, step)
     if ddp:  # the teacher must be the same on every rank (§3.2): check it, bit for bit
         fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
         fps = [torch.empty_like(fp) for _ in range(world)]
@@ -287,7 +287,8 @@ def main(argv=None):
 
 
 def validate(args, net, device, epoch, step):
-    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path."""
+    """Pseudo-label mIoU of the task network (label.py's default) on a fixed subset of the validation
+    set, through label.py's inference path."""
     import label
     res = label.validate(net, args.val_json, args.val_images, device, max_images=args.val_max_images)
     print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr, flush=True)
