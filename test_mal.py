@@ -381,6 +381,20 @@ def test_kernel_matches_references(B, C, H, W, iters, kind, mask):
         assert (q[~box] == 0).all()
 
 
+def test_kernel_with_irregular_box_masks():
+    """Masks with holes, empty rows and columns (the CPU loop sweeps only each row's box span)."""
+    img, prob, _ = make_inputs(4, 3, 41, 67, "smooth", False, seed=5)
+    g = torch.Generator().manual_seed(5)
+    box = torch.rand(4, 41, 67, generator=g) > 0.4
+    box[0] = False  # no box at all
+    box[1, :, :] = False
+    box[1, 10:20, 60:] = True  # touches the right border only
+    box[2, ::3] = False  # empty rows
+    q = crf_ext.mean_field(img, prob, box, iters=10)
+    assert (q.double() - mean_field_float64(img, prob, box, iters=10)).abs().max().item() <= TOL
+    assert (q[~box] == 0).all() and (q[0] == 0).all()
+
+
 def test_ill_conditioned_input_documented():
     """Synchronous mean field does not converge everywhere: on the smooth 128x128 input some pixels
     keep oscillating (|Q100 - Q99| up to ~0.9) and float64 itself moves by ~1e-4 when prob moves by

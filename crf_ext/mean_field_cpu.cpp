@@ -39,6 +39,9 @@ struct Crop {
 // the value every reader would compute from Q), the last iteration writes Q.
 struct Workspace {
   std::vector<float> u, w, qa, qb, dist;
+  // Per row, the columns [lo, hi) that hold box pixels: Q = 0 (spin -1) outside the box never
+  // changes, so the update only sweeps the span (training crops are mostly box).
+  std::vector<int> lo, hi;
   int64_t H = -1, W = -1;
   void resize(int64_t h, int64_t w_) {
     if (h == H && w_ == W) return;  // borders are never written: stay 0
@@ -49,13 +52,15 @@ struct Workspace {
     qa.assign(HWp, 0.0f);
     qb.assign(HWp, 0.0f);
     dist.assign(w_, 0.0f);
+    lo.assign(h, 0);
+    hi.assign(h, 0);
   }
 };
 
 // Unary, initial iterate (into padded q0) and the 4 symmetric weight planes
 // (padded) of rows [y0,y1).  Equivalent to unary()/initial_q()/pixel_weight()
 // per pixel, written as row loops (channel-outer, x-inner) that vectorise.
-void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0,
+void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0, float* __restrict q1,
                   int64_t y0, int64_t y1, float* __restrict dist) {
   const int H = c.H, W = c.W;
   const int64_t HW = static_cast<int64_t>(H) * W, Wp = W + 2,
@@ -74,7 +79,16 @@ void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0,
         u[r + x] = unary(pr[x]);
         qr[x] = spin(initial_q(pr[x], mr[x] != 0));
       }
+      int lo = 0, hi = W;
+      while (lo < W && mr[lo] == 0) ++lo;
+      while (hi > lo && mr[hi - 1] == 0) --hi;
+      ws.lo[y] = lo;
+      ws.hi[y] = hi;
+      // Both ping-pong buffers hold the constant spin -1 outside the span.
+      std::memcpy(q1 + rp, qr, sizeof(float) * W);
     } else {
+      ws.lo[y] = 0;
+      ws.hi[y] = W;
 #pragma omp simd
       for (int x = 0; x < W; ++x) {
         u[r + x] = unary(pr[x]);
@@ -144,17 +158,20 @@ void step_row(const Crop& c, const Workspace& ws, const float* __restrict cur,
   acc = accumulate_spin(acc, p2[r1 + x], sp[x]);         /*+1, 0*/ \
   acc = accumulate_spin(acc, p3[r1 + x], sp[x + 1]);     /*+1,+1*/ \
   const float q = update(ur[x], omega, acc, kMask ? (mr[x] != 0) : true);
+  const int lo = ws.lo[y], hi = ws.hi[y];  // box span: outside it Q stays 0
   if (q_out == nullptr) {
     float* __restrict out = nxt + r1;
 #pragma omp simd
-    for (int x = 0; x < W; ++x) {
+    for (int x = lo; x < hi; ++x) {
       MF_ROW_MESSAGE
       out[x] = spin(q);
     }
   } else {
     float* __restrict out = q_out + static_cast<int64_t>(y) * W;
+    std::fill(out, out + lo, 0.0f);
+    std::fill(out + hi, out + W, 0.0f);
 #pragma omp simd
-    for (int x = 0; x < W; ++x) {
+    for (int x = lo; x < hi; ++x) {
       MF_ROW_MESSAGE
       out[x] = q;
     }
@@ -179,7 +196,7 @@ void solve_crop_fast(const Crop& c, int64_t iters, float* out, Workspace& ws,
   };
   rows([&](int64_t y0, int64_t y1) {
     std::vector<float> dist(parallel_rows ? W : 0);
-    prepare_rows(c, ws, cur, y0, y1, parallel_rows ? dist.data() : ws.dist.data());
+    prepare_rows(c, ws, cur, nxt, y0, y1, parallel_rows ? dist.data() : ws.dist.data());
   });
   for (int64_t t = 0; t < iters; ++t) {
     float* q_out = (t == iters - 1) ? out : nullptr;
