@@ -132,7 +132,7 @@ def train_rows(device, quick, repeats, batch):
 def label_rows(device, quick, workers):
     """Labeling end to end, from 640x480 JPEGs on disk (~7 boxes each) to RLE in memory, with random
     weights (speed does not depend on them); and the data-loading rate alone, per worker."""
-    arch, S, p, n = ("vit_tiny", 128, 16, 12) if quick else ("vit_base", 512, 16, 400 if device.type == "cuda" else 8)
+    arch, S, p, n = ("vit_tiny", 128, 16, 12) if quick else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3)
     coco = data.make_coco_like(os.path.join("demo", "coco_like"), n)
     boxes = label.load_boxes(coco["json"])
     images = [boxes["images"][i] for i in sorted(boxes["todo"])]

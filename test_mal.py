@@ -53,6 +53,19 @@ def test_vit_parameter_names_are_timms():
         assert k in names
 
 
+def test_plain_attention_equals_sdpa():
+    vit = mal.vit_tiny(depth=2, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = vit(x)
+        mal.Attention.fused = False
+        try:
+            plain = vit(x)
+        finally:
+            mal.Attention.fused = True
+    torch.testing.assert_close(plain, fused, rtol=1e-5, atol=1e-5)
+
+
 def test_pos_embed_resampling_is_mae_bicubic():
     pe = torch.randn(1, 1 + 14 * 14, 8)
     out = mal.resample_pos_embed(pe, (32, 32))
