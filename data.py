@@ -11,6 +11,7 @@ Coordinates: boxes are xyxy float pixels, pixel (i, j) covers [j, j+1) x [i, i+1
 (j + 0.5, i + 0.5). COCO's bbox is xywh and is converted on reading.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -565,17 +566,30 @@ DEMO_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "star"}, {"id": 
 _DEMO_VERSION = 1
 
 
-def _atomic_write(path, data):
-    d = os.path.dirname(path) or "."
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """Open a temporary file next to `path`; on success it is flushed, synced and renamed onto
+    `path` (atomic on POSIX), on failure removed: a crash never leaves a half-written `path`."""
+    d = os.path.dirname(os.fspath(path)) or "."
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would stick to the renamed file
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _atomic_write(path, data):
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _random_colour(rng, lo=30, hi=225):

@@ -133,6 +133,11 @@ def box_problem(ann, image):
     return None
 
 
+def _is_id(v):
+    """COCO ids are ints; strings would break sorting, chunk keys and the merge far from the cause."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def load_boxes(json_path, images_json=None, score_thr=None):
     """Read the boxes to label. Returns dict(out, anns, images, todo, problems, n_filtered, gt, kind):
     out the output skeleton (input minus annotations), anns the kept annotations in output order,
@@ -151,6 +156,8 @@ def load_boxes(json_path, images_json=None, score_thr=None):
         for i, r in enumerate(src):
             if not isinstance(r, dict) or "image_id" not in r:
                 raise SystemExit(f"label.py: {json_path}: result #{i} has no image_id")
+            if not _is_id(r["image_id"]):
+                raise SystemExit(f"label.py: {json_path}: result #{i} has a non-integer image_id {r['image_id']!r}")
             a = dict(r)
             a["id"] = i + 1  # ids 1..N in input order, stable under --score-thr
             a.setdefault("iscrowd", 0)
@@ -163,6 +170,9 @@ def load_boxes(json_path, images_json=None, score_thr=None):
         for i, a in enumerate(anns):
             if "id" not in a or "image_id" not in a:
                 raise SystemExit(f"label.py: {json_path}: annotation #{i} lacks 'id' or 'image_id'")
+            for k in ("id", "image_id"):
+                if not _is_id(a[k]):
+                    raise SystemExit(f"label.py: {json_path}: annotation #{i} has a non-integer {k} {a[k]!r}")
         if len({a["id"] for a in anns}) != len(anns):
             raise SystemExit(f"label.py: {json_path}: annotation ids are not unique")
         gt = src if any("segmentation" in a for a in src["annotations"]) else None
@@ -173,9 +183,11 @@ def load_boxes(json_path, images_json=None, score_thr=None):
     if score_thr is not None:  # only boxes that carry a score are filtered
         anns = [a for a in anns if a.get("score") is None or float(a["score"]) >= score_thr]
     images = {}
-    for im in out["images"]:
+    for i, im in enumerate(out["images"]):
         if "id" not in im:
             raise SystemExit(f"label.py: an image entry of {images_json or json_path} has no id")
+        if not _is_id(im["id"]):
+            raise SystemExit(f"label.py: {images_json or json_path}: image #{i} has a non-integer id {im['id']!r}")
         images[im["id"]] = im
     todo, problems = collections.defaultdict(list), {}
     for a in anns:
@@ -193,20 +205,34 @@ def load_boxes(json_path, images_json=None, score_thr=None):
 # Model and the one inference path (label.py, train.py's validation and the tests all use it)
 
 
-def load_nets(ckpt, net="task", device="cpu"):
-    """Build the network(s) of a train.py checkpoint: ([task], [teacher] or both for 'avg'),
-    its model arguments and its training arguments."""
+def load_checkpoint(ckpt):
+    """A train.py checkpoint as a dict (on CPU); any failure is a one-line SystemExit naming it."""
     try:
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"label.py: checkpoint {ckpt} not found")
+    except Exception as e:  # truncated file, not a checkpoint, unpicklable objects, ...
+        raise SystemExit(f"label.py: {ckpt}: cannot load checkpoint ({' '.join(str(e).split())[:300]})")
+    if not isinstance(ck, dict):
+        raise SystemExit(f"label.py: {ckpt}: not a train.py checkpoint (a {type(ck).__name__}, not a dict)")
+    return ck
+
+
+def load_nets(ckpt, net="task", device="cpu"):
+    """Build the network(s) of a train.py checkpoint: ([task], [teacher] or both for 'avg'),
+    its model arguments and its training arguments."""
+    ck = load_checkpoint(ckpt)
     keys = {"task": ["task"], "teacher": ["teacher"], "avg": ["task", "teacher"]}[net]
     nets = []
     for k in keys:
         if k not in ck or "model_args" not in ck:
             raise SystemExit(f"label.py: checkpoint {ckpt} lacks key {k!r} or 'model_args'")
-        m = mal.MAL(**ck["model_args"])
-        m.load_state_dict(ck[k])
+        try:
+            m = mal.MAL(**ck["model_args"])
+            m.load_state_dict(ck[k])
+        except Exception as e:  # model_args or weights that do not fit this mal.py
+            raise SystemExit(f"label.py: {ckpt}: cannot build the {k!r} network "
+                             f"({' '.join(str(e).split())[:300]})")
         nets.append(m.eval().to(device))
     return nets, dict(ck["model_args"]), dict(ck.get("args", {}))
 
@@ -237,11 +263,10 @@ def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size
         B = crops.shape[0]
         prob = (prob[:B] + prob[B:].flip(-1)) / 2
     if crf_iters:
-        # The CRF sees the crop as in training (mal.to_loss_size): image area-down, box max-pooled.
-        x = x[:crops.shape[0]]
+        # The CRF sees the crop as in training: image area-down, box max-pooled to crf_size.
+        img, bm = mal.crop_to_loss_size(x[:crops.shape[0]].float(),
+                                        box_masks.to(device, non_blocking=True).float(), crf_size)
         prob = F.interpolate(prob[:, None], size=(crf_size, crf_size), mode="bilinear", align_corners=False)[:, 0]
-        img = F.interpolate(x.float(), size=(crf_size, crf_size), mode="area")
-        bm = F.adaptive_max_pool2d(box_masks.to(device, non_blocking=True)[:, None].float(), crf_size)[:, 0]
         prob = mal.refine(img, prob, bm, iters=crf_iters, zeta=crf_zeta, omega=crf_omega)
     return prob
 
@@ -356,7 +381,8 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
             for a in todo.get(im["id"], []):  # every box without a crop gets its reason, never silence
                 if a["id"] not in ids:
                     cur["res"][a["id"]] = {"reason": bad.get(a["id"]) or item.get("error") or "no crop produced"}
-            H, W = int(item["height"]), int(item["width"])  # the decoded size (== the JSON's, else error)
+            if ids:  # only a decoded image has crops; a failed one may have no size at all (JSON w/h optional)
+                H, W = int(item["height"]), int(item["width"])  # the decoded size (== the JSON's, else error)
             for j, aid in enumerate(ids):
                 cb = tuple(float(v) for v in item["crop_boxes"][j])
                 buf.append((item["crops"][j], item["box_masks"][j], (aid, cb, boxes[aid], H, W)))
@@ -569,7 +595,7 @@ def write_overlays(labeled, image_dir, vis_dir, n):
         if not any("segmentation" in a for a in anns):
             continue
         try:
-            img = _as_hwc(data.load_rgb(os.path.join(image_dir, images[iid]["file_name"])))
+            img = np.asarray(data.load_rgb(os.path.join(image_dir, images[iid]["file_name"])))  # RGB [H, W, 3]
         except data.ImageError:
             continue
         canvas = img.astype(np.float32)
@@ -594,35 +620,20 @@ def write_overlays(labeled, image_dir, vis_dir, n):
             if x1 > x0:
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(int(v) for v in palette[k % len(palette)]))
         path = os.path.join(vis_dir, f"{iid}.png")
-        tmp = path + f".tmp{os.getpid()}"
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with data.atomic_file(path, "wb") as f:
+            pil.save(f, format="PNG")
         written.append(path)
     return written
 
 
-def _as_hwc(img):
-    """data.load_rgb's image as uint8 numpy [H, W, 3]."""
-    if isinstance(img, torch.Tensor):
-        img = img.numpy()
-    img = np.asarray(img)
-    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)
-    return img
-
-
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, fingerprint, chunks
+# Files: JSON output, fingerprint, chunks
 
 
 def write_json(path, obj):
     """Atomic: a crash never leaves a half-written file under `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with data.atomic_file(path, "w") as f:
         json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path):
@@ -638,8 +649,9 @@ FINGERPRINT_OPTS = ("net", "expand", "thr", "flip", "crf_refine", "crf_iters", "
                     "crf_omega", "score_thr", "chunk_images")
 
 
-def fingerprint(args):
+def fingerprint(args, device):
     cfg = {k: getattr(args, k) for k in FINGERPRINT_OPTS}
+    cfg["device"] = torch.device(device).type  # cpu float32 and cuda bf16 give different pixels
     cfg["ckpt_sha256"] = file_sha256(args.ckpt)
     cfg["json_sha256"] = file_sha256(args.json)
     cfg["images_json_sha256"] = file_sha256(args.images_json) if args.images_json else None
@@ -725,6 +737,18 @@ def dist_setup(args):
     return rank, world, device
 
 
+def check_inputs(args):
+    """A missing input is a one-line error naming it, before anything reads (or hashes) it."""
+    for flag, path, folder in (("--ckpt", args.ckpt, False), ("--json", args.json, False),
+                               ("--images-json", args.images_json, False), ("--images", args.images, True)):
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise SystemExit(f"label.py: {flag} {path} not found")
+        if os.path.isdir(path) != folder:
+            raise SystemExit(f"label.py: {flag} {path} is {'not ' if folder else ''}a folder")
+
+
 def barrier(world):
     if world > 1:
         torch.distributed.barrier()
@@ -733,9 +757,11 @@ def barrier(world):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv if argv else demo_argv())
+    check_inputs(args)
     if args.crf_refine and (args.crf_iters is None or args.crf_size is None):
         # Refine the way the model was trained: its loss resolution and mean-field iterations.
-        targs = load_nets(args.ckpt, "task")[2]
+        # Only the training args are needed: read them without building the network.
+        targs = load_checkpoint(args.ckpt).get("args") or {}
         args.crf_iters = targs.get("crf_iters", 100) if args.crf_iters is None else args.crf_iters
         args.crf_size = targs.get("loss_size", 128) if args.crf_size is None else args.crf_size
     args.crf_iters = args.crf_iters if args.crf_refine else 0
@@ -759,7 +785,7 @@ def run(args, rank, world, device, t0):
     parts = args.out + ".parts"
 
     # One configuration per parts folder: rank 0 records it, every rank checks it.
-    cfg = fingerprint(args)
+    cfg = fingerprint(args, device)
     if rank == 0:
         if args.fresh and os.path.isdir(parts):
             shutil.rmtree(parts)

@@ -204,7 +204,10 @@ def load_pretrained(model, path):
     the MAE decoder, resamples pos_embed to the model's grid, and raises a clear error on a shape
     mismatch. A MAL checkpoint given to a MAL model loads both encoder and decoder (teacher weights).
     Prints what was missing or unused."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing file, not a checkpoint, or pickled code (refused by weights_only)
+        raise ValueError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     for key in ("teacher", "model", "state_dict", "module"):  # teacher: this project's checkpoints
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -226,7 +229,10 @@ def load_pretrained(model, path):
         if math.isqrt(n - 2) ** 2 == n - 2 and math.isqrt(n - 1) ** 2 != n - 1:
             pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the dist token's slot
         gs = math.isqrt(grid)
-        enc["pos_embed"] = resample_pos_embed(pe, (gs, gs))
+        try:
+            enc["pos_embed"] = resample_pos_embed(pe, (gs, gs))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     target = {"encoder": (encoder, enc)}
     if isinstance(model, MAL) and dec:
         target["decoder"] = (model.decoder, dec)
@@ -395,14 +401,18 @@ def ramp(step, length):
     return 1.0 if length <= 0 else min(1.0, (step + 1) / length)
 
 
-def to_loss_size(logits, image, box_mask, size):
-    """Bring logits (up, bilinear), the crop (down, area) and the box mask (down, max: a thin box
-    keeps its pixels) to the loss resolution `size`; size = the crop size gives the paper's N = H^c × W^c."""
-    logits = F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    if image.shape[-1] != size:
+def upsample_logits(logits, size):
+    """Mask logits [B, h, w] to [B, size, size], bilinear, in float32."""
+    return F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def crop_to_loss_size(image, box_mask, size):
+    """The crop (down, area) and the box mask (down, max: a thin box keeps its pixels) at the loss /
+    CRF resolution `size`; size = the crop size gives the paper's N = H^c × W^c."""
+    if image.shape[-2:] != (size, size):
         image = F.interpolate(image.float(), size=(size, size), mode="area")
         box_mask = F.adaptive_max_pool2d(box_mask[:, None].float(), size)[:, 0]
-    return logits, image, box_mask
+    return image, box_mask
 
 
 def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, alpha_crf=0.5,
@@ -410,10 +420,9 @@ def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, al
     """Eq. 1: L = α_mil·L_mil + α_crf·L_crf, each weight ramped in. logits / teacher_logits
     [B, h, w] from the task network and the teacher; image [B,3,S,S] the un-jittered crop (what the
     teacher sees, the CRF's colours); box_mask [B,S,S]. Returns (loss, dict of detached terms)."""
-    logits, image, box_mask = to_loss_size(logits, image, box_mask, loss_size)
-    teacher_prob = F.interpolate(teacher_logits[:, None].float(), size=(loss_size, loss_size),
-                                 mode="bilinear", align_corners=False)[:, 0].sigmoid()
-    prob = logits.sigmoid()
+    image, box_mask = crop_to_loss_size(image, box_mask, loss_size)
+    prob = upsample_logits(logits, loss_size).sigmoid()
+    teacher_prob = upsample_logits(teacher_logits, loss_size).sigmoid()
     l_mil = mil_loss(prob, box_mask)
     l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega)
     w_mil, w_crf = alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)

@@ -934,7 +934,7 @@ def test_train_steps_lower_the_loss(tiny_set, tmp_path):
     last = sum(r["loss"] for r in log[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert set(ckpt) >= {"model_args", "task", "teacher", "optimizer", "step", "epoch", "rng", "args"}
+    assert set(ckpt) >= {"model_args", "task", "teacher", "optimizer", "step", "epoch", "world", "rng", "args"}
     assert os.path.exists(tmp_path / "epoch_30.pt")
 
 
@@ -951,6 +951,19 @@ def test_train_resume_is_exact(tiny_set, tmp_path):
     for part in ("task", "teacher"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
+    train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "2", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match=r"last.pt: batch_size was 4 and is now 2"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "2", "--batch-size", "2", "--resume"))
+    with pytest.raises(SystemExit, match=r"nothing.pt: no checkpoint to resume from"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--resume", str(tmp_path / "nothing.pt")))
+    with pytest.raises(SystemExit, match=r"nothing.pth: cannot load"):
+        train.main(tiny_argv(tiny_set, tmp_path / "b", "--init", str(tmp_path / "nothing.pth")))
+    with pytest.raises(SystemExit, match=r"missing.json: no such file"):
+        train.main(tiny_argv(tiny_set, tmp_path / "c", "--val-json", str(tmp_path / "missing.json"),
+                             "--val-images", str(tmp_path)))
 
 
 def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
@@ -1141,6 +1154,12 @@ def test_resume_after_kill_is_byte_identical_and_refuses_other_configs(world, tm
     assert out.read_bytes() == ref.read_bytes()
     label.main(_argv(world, out, "--keep-parts", "--fresh"))
     assert out.read_bytes() == ref.read_bytes() and os.path.exists(f"{out}.parts/fingerprint.json")
+    # Parts made on another device (cuda bf16 vs cpu float32) are not mixed in either.
+    fp = json.loads(open(f"{out}.parts/fingerprint.json").read())
+    assert fp["device"] == "cpu"
+    open(f"{out}.parts/fingerprint.json", "w").write(json.dumps(dict(fp, device="cuda")))
+    with pytest.raises(SystemExit, match="another configuration.*device"):
+        label.main(_argv(world, out))
 
 
 def test_two_gloo_ranks_equal_one_process(world, tmp_path):
@@ -1152,6 +1171,53 @@ def test_two_gloo_ranks_equal_one_process(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "label[rank 0]" in r.stderr and "label[rank 1]" in r.stderr  # both ranks did work
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_missing_inputs_and_bad_checkpoint_are_one_line_errors(world, tmp_path):
+    for flag, bad in (("--ckpt", tmp_path / "nope.pt"), ("--json", tmp_path / "nope.json"),
+                      ("--images", tmp_path / "nodir")):
+        argv = _argv(world, tmp_path / "x.json")
+        argv[argv.index(flag) + 1] = str(bad)
+        with pytest.raises(SystemExit, match=f"label.py: {flag} .*{bad.name} not found"):
+            label.main(argv)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    argv = _argv(world, tmp_path / "x.json")
+    argv[argv.index("--ckpt") + 1] = str(tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match="junk.pt: cannot load checkpoint"):
+        label.main(argv)
+    argv[argv.index("--ckpt") + 1] = str(tmp_path / "nope.pt")  # from the shell: that line, no traceback
+    r = _run(["label.py", *argv])
+    assert r.returncode == 1 and r.stderr.strip() == f"label.py: --ckpt {tmp_path / 'nope.pt'} not found"
+
+
+def test_non_integer_ids_are_rejected_by_name(tmp_path):
+    base = dict(images=[dict(id=1, file_name="a.png")], categories=[{"id": 1}],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5])])
+    for where, key, value, msg in (("annotations", "id", "a7", "annotation #1 has a non-integer id 'a7'"),
+                                   ("annotations", "image_id", True, "annotation #1 has a non-integer image_id True"),
+                                   ("images", "id", "1", "image #0 has a non-integer id '1'")):
+        coco = json.loads(json.dumps(base))
+        if where == "annotations":
+            coco["annotations"].append(dict(coco["annotations"][0], id=2))
+        coco[where][-1][key] = value
+        (tmp_path / "b.json").write_text(json.dumps(coco))
+        with pytest.raises(SystemExit, match=msg):
+            label.load_boxes(str(tmp_path / "b.json"))
+
+
+def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_path):
+    src = json.loads((world / "boxes.json").read_text())
+    src["images"] = [im for im in src["images"] if im["id"] in (1, 20)]
+    del src["images"][1]["width"], src["images"][1]["height"]  # missing.png, no size in the JSON
+    src["annotations"] = [a for a in src["annotations"] if a["image_id"] in (1, 20)]
+    (tmp_path / "b.json").write_text(json.dumps(src))
+    argv = _argv(world, tmp_path / "out.json")
+    argv[argv.index("--json") + 1] = str(tmp_path / "b.json")
+    label.main(argv)
+    rep = json.loads((tmp_path / "out.report.json").read_text())
+    reasons = {u["id"]: u["reason"] for u in rep["unlabeled"]}
+    assert "missing.png" in reasons[100] and "not found" in reasons[100]
+    assert rep["summary"]["labeled"] == 2 and set(reasons) == {100, 102}
 
 
 def _rle(m):

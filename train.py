@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -26,13 +25,16 @@ import mal
 
 # The embedded demo: a 3-block vit_tiny/8 at 96 px with a 64-channel decoder on the synthetic set,
 # sized for a 2-core CPU (the decoder's 256 channels at 2× the token grid would cost most of the time).
-DEMO_ROOT = "demo/data"  # data.make_demo writes the set here once (cached)
-DEMO = dict(train_json="demo/data/annotations/instances_train.json", images="demo/data/train",
-            val_json="demo/data/annotations/instances_val.json",
-            val_images="demo/data/val", arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_ROOT = os.path.join(HERE, "demo", "data")  # data.make_demo writes the set here once (cached)
+DEMO = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
+            images=os.path.join(DEMO_ROOT, "train"),
+            val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
+            val_images=os.path.join(DEMO_ROOT, "val"), arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
             batch_size=16,
             epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=50, crf_ramp=100, loss_size=48,
-            crf_iters=100, min_area=64.0, drop_path=0.0, out="demo/run", workers=1, val_max_images=60)
+            crf_iters=100, min_area=64.0, drop_path=0.0, out=os.path.join(HERE, "demo", "run"), workers=1,
+            val_max_images=60)
 
 
 def get_args(argv=None):
@@ -87,6 +89,8 @@ def get_args(argv=None):
     args.demo = args.demo or not argv
     if not args.train_json or not args.images:
         p.error("--train-json and --images are required (or run with no arguments for the demo)")
+    if bool(args.val_json) != bool(args.val_images):
+        p.error("--val-json and --val-images go together")
     return args
 
 
@@ -96,12 +100,6 @@ def lr_at(step, total, peak, warmup, floor):
         return peak * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -137,6 +135,12 @@ def main(argv=None):
         data.make_demo(DEMO_ROOT)
     if ddp:
         dist.barrier()
+    for path in (args.train_json, args.val_json):  # fail now, not at the first epoch's end
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file")
+    for path in (args.images, args.val_images):
+        if path and not os.path.isdir(path):
+            raise SystemExit(f"{path}: no such image folder")
     os.makedirs(args.out, exist_ok=True)
 
     # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
@@ -163,30 +167,44 @@ def main(argv=None):
                       drop_path=args.drop_path, depth=args.depth, decoder_dim=args.decoder_dim)
     net = mal.MAL(**model_args)
     if args.init and not args.resume:
-        mal.load_pretrained(net, args.init)
+        try:
+            mal.load_pretrained(net, args.init)
+        except (OSError, ValueError) as e:
+            raise SystemExit(str(e))
     net.to(device)
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.9),
-                            fused=device.type == "cuda")
+    # No weight decay on norms, biases, the class token and the position embeddings.
+    decays = {n: p.ndim > 1 and n not in ("encoder.pos_embed", "encoder.cls_token") for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW([{"params": [p for n, p in net.named_parameters() if decays[n]], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in net.named_parameters() if not decays[n]], "weight_decay": 0.0}],
+                            lr=peak_lr, betas=(0.9, 0.9), fused=device.type == "cuda")
     step, epoch = 0, 0
     ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["model_args"] != model_args:
-            raise SystemExit(f"{ckpt_path}: model {ckpt['model_args']} differs from the arguments' {model_args}")
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"{ckpt_path}: no checkpoint to resume from")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            saved = dict(ckpt["args"], world=ckpt["world"], model_args=ckpt["model_args"])
+        except Exception as e:
+            raise SystemExit(f"{ckpt_path}: not a train.py checkpoint ({type(e).__name__}: {e})")
+        # The data position and the schedule follow from these: a resume must keep them.
+        now = dict(vars(args), world=world, model_args=model_args)
+        for key in ("model_args", "world", "batch_size", "accum", "epochs", "seed"):
+            if saved[key] != now[key]:
+                raise SystemExit(f"{ckpt_path}: {key} was {saved[key]} and is now {now[key]}; "
+                                 f"resume with the same value")
         net.load_state_dict(ckpt["task"])
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch = ckpt["step"], ckpt["epoch"]
         log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
     teacher = mal.make_teacher(net)
+    # Each rank draws its own stochastic-depth masks; the checkpoint holds every rank's RNG state.
+    torch.manual_seed(args.seed + 1000003 * rank)
     if args.resume:
         teacher.load_state_dict(ckpt["teacher"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        torch.set_rng_state(ckpt["rng"][rank]["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
     # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
     task = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
@@ -195,18 +213,23 @@ def main(argv=None):
                    loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega)
 
     def checkpoint(path):
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        save_atomic({"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "rng": rng,
-                     "args": vars(args)}, path)
+        """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
+        rng = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
+        if ddp:
+            rng = rng * world
+            dist.all_gather_object(rng, rng[0])
+        if master:
+            with data.atomic_file(path) as f:
+                torch.save({"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
+                            "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "world": world, "rng": rng,
+                            "args": vars(args)}, f)
 
     log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {world}× {device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
         f"global batch {global_batch}, peak lr {peak_lr:.3g}")
     logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     t_log, t0, step0 = time.time(), time.time(), step
-    sums = None
+    sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py warns per file)
     while step < stop_step:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         sampler.set_epoch(epoch)
@@ -223,6 +246,7 @@ def main(argv=None):
                 g["lr"] = lr
             for micro in range(args.accum):
                 b = next(batches)
+                unreadable += b["n_invalid"]
                 weight = 1.0 / args.accum
                 if len(b["image"]) == 0:  # every image of this batch was unreadable: still join DDP's
                     weight = 0.0          # all-reduce, with a zero-weighted dummy crop
@@ -239,7 +263,8 @@ def main(argv=None):
                     logits = run_task(image)
                     loss, terms = mal.mal_loss(logits, t_logits, clean, box, step, **loss_kw)
                     (loss * weight).backward()
-                terms = torch.stack([terms["loss"], terms["mil"], terms["crf"]])
+                terms = torch.stack([terms["loss"], terms["mil"], terms["crf"], torch.ones_like(terms["loss"])])
+                terms = terms * (weight > 0)  # the dummy crop stays out of the logged means
                 sums = terms if sums is None else sums + terms
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
@@ -249,30 +274,30 @@ def main(argv=None):
             step += 1
             if master and (time.time() - t_log > args.log_every or step == stop_step):
                 # .item() only here: no host syncs inside the loop.
-                n = (step - step0) * args.accum
-                loss_v, mil_v, crf_v = (sums / n).tolist()
+                loss_v, mil_v, crf_v, n = sums.tolist()
+                loss_v, mil_v, crf_v = (v / max(n, 1) for v in (loss_v, mil_v, crf_v))
                 rate = (step - step0) * global_batch / (time.time() - t0)
                 eta = (stop_step - step) * global_batch / max(rate, 1e-9)
                 rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_v, mil=mil_v, crf=crf_v, lr=lr,
-                           crops_per_s=rate, eta_s=eta)
+                           crops_per_s=rate, eta_s=eta, unreadable=unreadable)
                 log(f"epoch {epoch} step {step}/{stop_step} loss {loss_v:.4f} (mil {mil_v:.4f} crf {crf_v:.4f}) "
-                    f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min")
+                    f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
+                    + (f" ({unreadable} unreadable crops skipped on rank 0)" if unreadable else ""))
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 t_log, t0, step0, sums = time.time(), time.time(), step, None
-            if master and step % args.save_every == 0:
+            if step % args.save_every == 0:
                 checkpoint(os.path.join(args.out, "last.pt"))
             if step >= stop_step:
                 break
         del batches, loader
         if step == (epoch + 1) * steps_per_epoch:  # a whole epoch done
             epoch += 1
-            if master:
-                checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
-                if args.val_json:
-                    validate(args, net, device, epoch, step)
+            checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
+            if master and args.val_json:
+                validate(args, net, device, epoch, step)
+    checkpoint(os.path.join(args.out, "last.pt"))
     if master:
-        checkpoint(os.path.join(args.out, "last.pt"))
         log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
         if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
             validate(args, net, device, epoch, step)

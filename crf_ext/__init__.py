@@ -39,7 +39,7 @@ from typing import Dict, Optional, Union
 import torch
 
 __all__ = ["load", "mean_field", "available", "status", "unavailable_reason",
-           "find_cuda_home", "cuda_buildable", "reference_mean_field"]
+           "find_cuda_home", "cuda_buildable"]
 
 log = logging.getLogger("crf_ext")
 
