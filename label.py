@@ -406,9 +406,12 @@ def label_dataset(nets, images, todo, image_dir, device, **kw):
     return res
 
 
-def apply_labels(out, anns, results):
+def apply_labels(out, anns, results, unlabeled_as="none"):
     """The output dict: `out` with `anns` in order, each with its mask, or (if unlabeled) its box and no
-    segmentation and area = box area. Results: {ann_id: {'segmentation', 'area'} or {'reason'}}."""
+    segmentation and area = box area; unlabeled_as="box" gives those the filled box as their mask
+    instead (for trainers that need a mask on every box, e.g. detectron2's mapper), where the image
+    entry has a size. Results: {ann_id: {'segmentation', 'area'} or {'reason'}}."""
+    sizes = {im.get("id"): (im.get("height"), im.get("width")) for im in out.get("images", [])}
     res_anns = []
     for a in anns:
         a = dict(a)
@@ -422,6 +425,10 @@ def apply_labels(out, anns, results):
                 a["area"] = max(0.0, float(b[2])) * max(0.0, float(b[3]))
             except (TypeError, ValueError, IndexError):
                 a["area"] = 0.0
+            h, w = sizes.get(a.get("image_id"), (None, None))
+            if unlabeled_as == "box" and a["area"] > 0 and h and w:
+                m = box_mask(xywh_to_xyxy(b), int(h), int(w))
+                a["segmentation"], a["area"] = encode(m), float(m.sum())
         res_anns.append(a)
     return {**out, "annotations": res_anns}
 
@@ -697,6 +704,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
     p.add_argument("--fresh", action="store_true", help="discard OUT.parts/ and start over")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the merge")
+    p.add_argument("--unlabeled-as", choices=["none", "box"], default="none",
+                   help="mask of a box that could not be labeled: none (no segmentation key) or its filled box "
+                        "(for trainers that need a mask on every box); the report lists them either way")
     p.add_argument("--eval", action="store_true", help="evaluate against GT masks: mIoU, mask AP, vs box")
     p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
     p.add_argument("--vis-dir", help="overlay folder (default OUT without .json + '.vis')")
@@ -842,7 +852,7 @@ def run(args, rank, world, device, t0):
     missing = [a["id"] for a in inp["anns"] if a["id"] not in results]
     if missing:
         raise SystemExit(f"label.py: internal error: annotations {missing[:10]} got no result")
-    out = apply_labels(inp["out"], inp["anns"], results)
+    out = apply_labels(inp["out"], inp["anns"], results, args.unlabeled_as)
     unlabeled = [{"id": a["id"], "image_id": a["image_id"], "reason": results[a["id"]]["reason"]}
                  for a in inp["anns"] if "reason" in results[a["id"]]]
     empty = [a["id"] for a in out["annotations"] if a.get("area") == 0 and "segmentation" in a]

@@ -1220,6 +1220,20 @@ def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_pa
     assert rep["summary"]["labeled"] == 2 and set(reasons) == {100, 102}
 
 
+def test_unlabeled_boxes_can_get_their_filled_box():
+    out = dict(images=[dict(id=1, width=10, height=8), dict(id=2, file_name="nosize.png")], categories=[])
+    anns = [dict(id=1, image_id=1, bbox=[2, 1, 4, 3], segmentation=[[0, 0, 1, 1]]),
+            dict(id=2, image_id=2, bbox=[0, 0, 2, 2])]
+    results = {1: {"reason": "missing image"}, 2: {"reason": "missing image"}}
+    plain = label.apply_labels(out, anns, results)["annotations"]
+    assert "segmentation" not in plain[0] and plain[0]["area"] == 12.0  # the GT polygon is never passed on
+    boxed = label.apply_labels(out, anns, results, unlabeled_as="box")["annotations"]
+    m = mask_utils.decode({"size": boxed[0]["segmentation"]["size"],
+                           "counts": boxed[0]["segmentation"]["counts"].encode()})
+    assert m.shape == (8, 10) and m.sum() == 12 and m[1:4, 2:6].all() and boxed[0]["area"] == 12.0
+    assert "segmentation" not in boxed[1]  # no image size: no mask can be drawn
+
+
 def _rle(m):
     return label.encode(m)
 
