@@ -448,16 +448,20 @@ class BoxDataset(torch.utils.data.Dataset):
 class ImageGroupedSampler(torch.utils.data.Sampler):
     """Yields dataset.grouped_order(dataset.epoch): boxes of one image consecutively, so that
     (with DataLoader batching, batch k going to worker k % W) the per-worker cache decodes each
-    image about once. Reads the epoch from the dataset: one set_epoch call drives both."""
+    image about once. Reads the epoch from the dataset: one set_epoch call drives both. Under DDP
+    rank r takes the r-th of `world` equal contiguous blocks (images stay grouped; the tail that
+    does not divide evenly is dropped, like DistributedSampler(drop_last=True))."""
 
-    def __init__(self, dataset, shuffle=True):
-        self.dataset, self.shuffle = dataset, shuffle
+    def __init__(self, dataset, shuffle=True, world=1, rank=0):
+        self.dataset, self.shuffle, self.world, self.rank = dataset, shuffle, world, rank
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.dataset) // self.world
 
     def __iter__(self):
-        return iter(self.dataset.grouped_order(shuffle=self.shuffle).tolist())
+        order = self.dataset.grouped_order(shuffle=self.shuffle)
+        n = len(order) // self.world
+        return iter(order[self.rank * n:(self.rank + 1) * n].tolist())
 
 
 def collate_boxes(samples):

@@ -919,6 +919,19 @@ def tiny_argv(tiny_set, out, *extra):
             "--log-every", "0", *extra]
 
 
+def test_grouped_sampler_splits_ranks_into_grouped_blocks(tiny_set):
+    ds = data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], size=32, min_area=16)
+    blocks = [list(data.ImageGroupedSampler(ds, world=2, rank=r)) for r in range(2)]
+    assert len(blocks[0]) == len(blocks[1]) == len(ds) // 2
+    assert not set(blocks[0]) & set(blocks[1])
+    for b in blocks:  # each image's boxes are consecutive within a rank's block
+        rows = [int(ds.img_rows[i]) for i in b]
+        changes = sum(x != y for x, y in zip(rows, rows[1:]))
+        assert changes == len(set(rows)) - 1
+    ds.set_epoch(1)
+    assert list(data.ImageGroupedSampler(ds, world=2, rank=0)) != blocks[0]  # reshuffled each epoch
+
+
 def test_train_lr_schedule():
     lrs = [train.lr_at(s, 100, 1.0, 10, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
@@ -938,9 +951,10 @@ def test_train_steps_lower_the_loss(tiny_set, tmp_path):
     assert os.path.exists(tmp_path / "epoch_30.pt")
 
 
-def test_train_resume_is_exact(tiny_set, tmp_path):
+@pytest.mark.parametrize("order", [(), ("--group-by-image",)])
+def test_train_resume_is_exact(tiny_set, tmp_path, order):
     """2 steps + resume + 2 steps gives bit-identical weights to 4 steps straight (a mid-epoch resume)."""
-    common = ("--epochs", "3", "--seed", "7")
+    common = ("--epochs", "3", "--seed", "7", *order)
     train.main(tiny_argv(tiny_set, tmp_path / "straight", *common, "--max-steps", "4"))
     train.main(tiny_argv(tiny_set, tmp_path / "resumed", *common, "--max-steps", "2"))
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 2

@@ -73,6 +73,8 @@ def get_args(argv=None):
     a("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
     a("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
     a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
+    a("--group-by-image", action="store_true",
+      help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
     a("--out", default="runs/mal", help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl)")
     a("--resume", nargs="?", const="last", default=None,
       help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
@@ -150,8 +152,11 @@ def main(argv=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{args.train_json}: cannot read the training boxes ({type(e).__name__}: {e})")
     log(f"train: {dataset.describe()}")
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True,
-                                                              seed=args.seed, drop_last=True)
+    if args.group_by_image:  # each image decoded ~once per epoch, batches hold boxes of few images
+        sampler = data.ImageGroupedSampler(dataset, shuffle=True, world=world, rank=rank)
+    else:  # every box in a random place: diverse batches, one decode per box (per-worker cache aside)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True,
+                                                                  seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.train_json}: {len(dataset)} usable boxes are fewer than one global batch "
@@ -189,9 +194,9 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path}: not a train.py checkpoint ({type(e).__name__}: {e})")
         # The data position and the schedule follow from these: a resume must keep them.
         now = dict(vars(args), world=world, model_args=model_args)
-        for key in ("model_args", "world", "batch_size", "accum", "epochs", "seed"):
-            if saved[key] != now[key]:
-                raise SystemExit(f"{ckpt_path}: {key} was {saved[key]} and is now {now[key]}; "
+        for key in ("model_args", "world", "batch_size", "accum", "epochs", "seed", "group_by_image"):
+            if saved.get(key) != now[key]:
+                raise SystemExit(f"{ckpt_path}: {key} was {saved.get(key)} and is now {now[key]}; "
                                  f"resume with the same value")
         net.load_state_dict(ckpt["task"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -232,8 +237,9 @@ def main(argv=None):
     sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py warns per file)
     while step < stop_step:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # the augmentations' seeds (and the grouped sampler's order)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         done_in_epoch = step - epoch * steps_per_epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
