@@ -240,8 +240,9 @@ def _blurred_crop(img, crop_used, size, sigma):
 # Box reading shared by both datasets.
 
 
-def _box_problem(x, y, w, h, width, height):
-    """None if the xywh box is usable on a width x height image, else a short reason."""
+def bbox_problem(x, y, w, h, width, height):
+    """None if the xywh box is usable on a width x height image (None: size unknown), else
+    (kind, reason). label.py applies the same rule before labeling."""
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return "degenerate", "non-finite bbox"
     if w <= 0 or h <= 0:
@@ -330,7 +331,7 @@ class BoxDataset(torch.utils.data.Dataset):
             except (KeyError, TypeError, ValueError):
                 x = y = w = h = float("nan")
             W, H = int(self.widths[k]), int(self.heights[k])
-            problem = _box_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
+            problem = bbox_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
             if problem:
                 self.skipped[problem[0]] += 1
                 continue
@@ -528,7 +529,7 @@ class ImageBoxes(torch.utils.data.Dataset):
                 x, y, w, h = (float(v) for v in bbox)
             except (TypeError, ValueError):
                 x = y = w = h = float("nan")
-            problem = _box_problem(x, y, w, h, W, H)
+            problem = bbox_problem(x, y, w, h, W, H)
             if problem:
                 bad.append((ann_id, problem[1]))
                 continue

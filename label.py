@@ -119,12 +119,11 @@ def box_problem(ann, image):
         b = [float(v) for v in b]
     except (TypeError, ValueError):
         return f"non-numeric bbox {b!r}"
-    if not all(math.isfinite(v) for v in b):
-        return f"non-finite bbox {b}"
-    if b[2] <= 0 or b[3] <= 0:
-        return f"degenerate box (w={b[2]:g}, h={b[3]:g})"
-    x0, y0, x1, y1 = xywh_to_xyxy(b)
     W, H = image.get("width"), image.get("height")
+    problem = data.bbox_problem(*b, W or None, H or None)
+    if problem:
+        return f"{problem[1]} ({problem[0].replace('_', ' ')} box {b})"
+    x0, y0, x1, y1 = xywh_to_xyxy(b)
     if W and H:
         xa, xb = _pixel_span(x0, x1, int(W))
         ya, yb = _pixel_span(y0, y1, int(H))
