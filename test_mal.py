@@ -423,6 +423,21 @@ def test_ill_conditioned_input_documented():
     assert ((q > 0.5) != (r64 > 0.5)).sum().item() <= 2
 
 
+@pytest.mark.parametrize("omega", [-10.0, 9.0, 12.0, 40.0])
+def test_kernel_omega_on_both_sides_of_the_clamp_free_range(omega, monkeypatch):
+    """|ω| <= 9 runs the CPU loop's clamp-free sigmoid (mean_field.h: update_in_range, exact there
+    because |u| < 13.82 and |msg| <= 8); a larger |ω| needs the clamped one (exp would overflow).
+    Both must agree with the emulation path, which always clamps. (A large ω amplifies float32
+    rounding by ~2ω per iteration, so float64 is compared after one iteration only.)"""
+    img, prob, box = make_inputs(3, 3, 37, 53, "smooth", True)
+    q1 = crf_ext.mean_field(img, prob, box, iters=1, omega=omega)
+    assert (q1.double() - mean_field_float64(img, prob, box, iters=1, omega=omega)).abs().max().item() <= TOL
+    q = crf_ext.mean_field(img, prob, box, iters=5, omega=omega)
+    monkeypatch.setenv("MAL_CRF_CPU_PATH", "emulate")
+    emu = crf_ext.mean_field(img, prob, box, iters=5, omega=omega)
+    assert (q - emu).abs().max().item() <= 1e-6
+
+
 def test_cuda_emulation_path_matches_fast_path(monkeypatch):
     """MAL_CRF_CPU_PATH=emulate runs the per-pixel code of the CUDA smem/global kernels
     (bounds-checked gather_w/gather_q from mean_field.h) on the CPU."""

@@ -38,7 +38,7 @@ struct Crop {
 // the message.  The iterate buffers hold spins s = spin(Q) = 2Q - 1 (exactly
 // the value every reader would compute from Q), the last iteration writes Q.
 struct Workspace {
-  std::vector<float> u, w, qa, qb, dist;
+  std::vector<float> u, w, qa, qb;
   // Per row, the columns [lo, hi) that hold box pixels: Q = 0 (spin -1) outside the box never
   // changes, so the update only sweeps the span (training crops are mostly box).
   std::vector<int> lo, hi;
@@ -51,7 +51,6 @@ struct Workspace {
     w.assign(kNumPlanes * HWp, 0.0f);
     qa.assign(HWp, 0.0f);
     qb.assign(HWp, 0.0f);
-    dist.assign(w_, 0.0f);
     lo.assign(h, 0);
     hi.assign(h, 0);
   }
@@ -59,10 +58,12 @@ struct Workspace {
 
 // Unary, initial iterate (into padded q0) and the 4 symmetric weight planes
 // (padded) of rows [y0,y1).  Equivalent to unary()/initial_q()/pixel_weight()
-// per pixel, written as row loops (channel-outer, x-inner) that vectorise.
-void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0, float* __restrict q1,
-                  int64_t y0, int64_t y1, float* __restrict dist) {
-  const int H = c.H, W = c.W;
+// per pixel, written as row loops that vectorise.  kC: the channel count
+// when known at compile time (3: RGB), else 0.
+template <int kC>
+void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0,
+                  float* __restrict q1, int64_t y0, int64_t y1) {
+  const int H = c.H, W = c.W, nc = kC > 0 ? kC : c.C;
   const int64_t HW = static_cast<int64_t>(H) * W, Wp = W + 2,
                 HWp = (H + 2) * Wp;
   float* __restrict u = ws.u.data();
@@ -104,25 +105,20 @@ void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0, float* __r
       if (ny >= H || x_lo >= x_hi) x_lo = x_hi = 0;
       for (int x = 0; x < x_lo; ++x) wr[x] = 0.0f;
       for (int x = x_hi; x < W; ++x) wr[x] = 0.0f;
-      if (x_lo >= x_hi) continue;
-      for (int x = x_lo; x < x_hi; ++x) dist[x] = 0.0f;
-      for (int ch = 0; ch < c.C; ++ch) {
-        const float* __restrict a = c.img + ch * HW + r;
-        const float* __restrict b = c.img + ch * HW + ny * W + dx;
-#pragma omp simd
-        for (int x = x_lo; x < x_hi; ++x)
-          dist[x] = colour_term(dist[x], a[x], b[x]);
-      }
+      // pixel_weight() of every pixel of the row, with the channel loop of
+      // colour_dist2() inside the vectorised x loop (unrolled for kC > 0).
+      const int64_t nr = ny * W + dx;
 #pragma omp simd
       for (int x = x_lo; x < x_hi; ++x)
-        wr[x] = kernel_weight(dist[x], c.inv_two_zeta2);
+        wr[x] = kernel_weight(colour_dist2(c.img, HW, nc, r + x, nr + x),
+                              c.inv_two_zeta2);
     }
   }
 }
 
 // One row of one iteration.  cur/nxt: padded spin buffers.  If q_out is set
 // (last iteration) Q itself is written there ([H][W] row y) instead.
-template <bool kMask>
+template <bool kMask, bool kInRange>
 void step_row(const Crop& c, const Workspace& ws, const float* __restrict cur,
               float* __restrict nxt, float* __restrict q_out, int y) {
   const int W = c.W;
@@ -157,7 +153,9 @@ void step_row(const Crop& c, const Workspace& ws, const float* __restrict cur,
   acc = accumulate_spin(acc, p1[r1 + x], sp[x - 1]);     /*+1,-1*/ \
   acc = accumulate_spin(acc, p2[r1 + x], sp[x]);         /*+1, 0*/ \
   acc = accumulate_spin(acc, p3[r1 + x], sp[x + 1]);     /*+1,+1*/ \
-  const float q = update(ur[x], omega, acc, kMask ? (mr[x] != 0) : true);
+  const bool inside = kMask ? (mr[x] != 0) : true;                \
+  const float q = kInRange ? update_in_range(ur[x], omega, acc, inside) \
+                           : update(ur[x], omega, acc, inside);
   const int lo = ws.lo[y], hi = ws.hi[y];  // box span: outside it Q stays 0
   if (q_out == nullptr) {
     float* __restrict out = nxt + r1;
@@ -195,18 +193,24 @@ void solve_crop_fast(const Crop& c, int64_t iters, float* out, Workspace& ws,
       fn(0, H);
   };
   rows([&](int64_t y0, int64_t y1) {
-    std::vector<float> dist(parallel_rows ? W : 0);
-    prepare_rows(c, ws, cur, nxt, y0, y1, parallel_rows ? dist.data() : ws.dist.data());
+    if (c.C == 3)
+      prepare_rows<3>(c, ws, cur, nxt, y0, y1);
+    else
+      prepare_rows<0>(c, ws, cur, nxt, y0, y1);
   });
+  const bool in_range = omega_in_range(c.omega);
+  auto step = [&](int y, float* q_out) {
+    if (c.mask)
+      in_range ? step_row<true, true>(c, ws, cur, nxt, q_out, y)
+               : step_row<true, false>(c, ws, cur, nxt, q_out, y);
+    else
+      in_range ? step_row<false, true>(c, ws, cur, nxt, q_out, y)
+               : step_row<false, false>(c, ws, cur, nxt, q_out, y);
+  };
   for (int64_t t = 0; t < iters; ++t) {
     float* q_out = (t == iters - 1) ? out : nullptr;
     rows([&](int64_t y0, int64_t y1) {
-      for (int64_t y = y0; y < y1; ++y) {
-        if (c.mask)
-          step_row<true>(c, ws, cur, nxt, q_out, static_cast<int>(y));
-        else
-          step_row<false>(c, ws, cur, nxt, q_out, static_cast<int>(y));
-      }
+      for (int64_t y = y0; y < y1; ++y) step(static_cast<int>(y), q_out);
     });
     std::swap(cur, nxt);
   }
