@@ -1,7 +1,7 @@
 """Speed and memory of MAL: one command, one table printed last and written to a JSON.
 
     python bench.py            # full sizes (a GPU: ViT-B/16 at 512², CRF at 128² and 512²)
-    python bench.py --quick    # small sizes that finish in a minute on a 2-core CPU (exercised in CI)
+    python bench.py --quick    # small sizes that finish in half a minute on a 2-core CPU (run by .ci/run)
 
 Rows: the CRF kernel vs the reference; a training step (ours vs the naive one: reference CRF and
 plain attention) with crops/s, peak memory and model FLOP utilisation; labeling end to end from
@@ -42,6 +42,22 @@ def timeit(fn, device, repeats, warmup=2):
     return statistics.median(times)
 
 
+def timeit_pair(ours, ref, device, repeats, warmup=2):
+    """Side by side: each repeat times both (in alternating order), so both see the same machine
+    state (a shared CPU's speed drifts by ±30% between seconds). Returns the median times and the
+    median and range of the per-repeat ratios ref / ours."""
+    t_ours, t_ref, ratios = [], [], []
+    for i in range(repeats):
+        pair = {}
+        for name in (("ours", "ref") if i % 2 else ("ref", "ours")):
+            pair[name] = timeit(ours if name == "ours" else ref, device, 1, warmup=warmup if i == 0 else 0)
+        t_ours.append(pair["ours"])
+        t_ref.append(pair["ref"])
+        ratios.append(pair["ref"] / pair["ours"])
+    return (statistics.median(t_ours), statistics.median(t_ref), statistics.median(ratios),
+            (min(ratios), max(ratios)))
+
+
 def matmul_rate(device, quick):
     """The device's measured bf16 (GPU) or float32 (CPU) matrix rate in FLOP/s: the MFU denominator."""
     n = 1024 if quick else (2048 if device.type == "cpu" else 8192)
@@ -76,13 +92,16 @@ def crf_rows(device, quick, repeats):
         box = torch.zeros(B, S, S, device=device)
         box[:, S // 8:-S // 8, S // 8:-S // 8] = 1  # ¾ of each side: like a crop expanded by θ ≈ 0.67
         for name, bm in (("box ¾", box), ("no box", None)):
-            ref = timeit(lambda: mal.mean_field(image, prob, bm, iters=iters), device, repeats)
-            row = dict(workload=f"CRF mean field B={B} {S}x{S} {iters} it, {name}", unit="ms", reference=ref * 1e3)
+            ref = lambda: mal.mean_field(image, prob, bm, iters=iters)  # noqa: E731
+            row = dict(workload=f"CRF mean field B={B} {S}x{S} {iters} it, {name}", unit="ms")
             if crf_ext.available(device):
-                t = timeit(lambda: crf_ext.mean_field(image, prob, bm, iters=iters), device, repeats)
-                row.update(ours=t * 1e3, ratio=ref / t)
+                t, t_ref, ratio, (lo, hi) = timeit_pair(
+                    lambda: crf_ext.mean_field(image, prob, bm, iters=iters), ref, device, repeats)
+                row.update(ours=t * 1e3, reference=t_ref * 1e3, ratio=ratio,
+                           note=f"per-repeat ratio {lo:.1f}-{hi:.1f}x")
             else:
-                row.update(ours=None, note=f"kernel unavailable: {crf_ext.unavailable_reason(device)}")
+                row.update(reference=timeit(ref, device, repeats) * 1e3, ours=None,
+                           note=f"kernel unavailable: {crf_ext.unavailable_reason(device)}")
             rows.append(row)
     return rows
 
