@@ -149,6 +149,9 @@ def _cpu_flags():
         cap = "DEFAULT"
     if cap in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if cap == "AVX512":  # 16-wide vectors: -40% where the CPU has them (BENCHMARKS.md)
+        flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq",
+                  "-mprefer-vector-width=512"]
     return flags
 
 

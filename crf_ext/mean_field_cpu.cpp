@@ -39,9 +39,14 @@ struct Crop {
 // the value every reader would compute from Q), the last iteration writes Q.
 struct Workspace {
   std::vector<float> u, w, qa, qb;
+  // Box mask as int32 lanes (-1 inside, 0 outside: update_in_range's mask
+  // form, which GCC vectorises; a bool mask is not).
+  std::vector<int32_t> inside;
   // Per row, the columns [lo, hi) that hold box pixels: Q = 0 (spin -1) outside the box never
-  // changes, so the update only sweeps the span (training crops are mostly box).
+  // changes, so the update only sweeps the span (training crops are mostly box).  holes: the
+  // span has pixels outside the mask (never for a box), so the update must read the mask.
   std::vector<int> lo, hi;
+  std::vector<uint8_t> holes;
   int64_t H = -1, W = -1;
   void resize(int64_t h, int64_t w_) {
     if (h == H && w_ == W) return;  // borders are never written: stay 0
@@ -51,10 +56,24 @@ struct Workspace {
     w.assign(kNumPlanes * HWp, 0.0f);
     qa.assign(HWp, 0.0f);
     qb.assign(HWp, 0.0f);
+    inside.assign(h * w_, 0);
     lo.assign(h, 0);
     hi.assign(h, 0);
+    holes.assign(h, 0);
   }
 };
+
+// Stores of one float / of kLanes floats at any float alignment (loads:
+// load_value in mean_field.h).
+inline void store(float* p, float v) { *p = v; }
+inline void store(float* p, LaneF v) { *reinterpret_cast<LaneFU*>(p) = v; }
+// The box mask (Workspace::inside) of one pixel / of kLanes pixels, in
+// update_in_range's form.
+inline bool inside_mask(const int32_t* m, float) { return *m != 0; }
+inline LaneI inside_mask(const int32_t* m, LaneF) {
+  typedef int32_t LaneIU __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+  return *reinterpret_cast<const LaneIU*>(m);
+}
 
 // Unary, initial iterate (into padded q0) and the 4 symmetric weight planes
 // (padded) of rows [y0,y1).  Equivalent to unary()/initial_q()/pixel_weight()
@@ -79,17 +98,20 @@ void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0,
       for (int x = 0; x < W; ++x) {
         u[r + x] = unary(pr[x]);
         qr[x] = spin(initial_q(pr[x], mr[x] != 0));
+        ws.inside[r + x] = mr[x] != 0 ? -1 : 0;
       }
       int lo = 0, hi = W;
       while (lo < W && mr[lo] == 0) ++lo;
       while (hi > lo && mr[hi - 1] == 0) --hi;
       ws.lo[y] = lo;
       ws.hi[y] = hi;
+      ws.holes[y] = std::find(mr + lo, mr + hi, 0) != mr + hi;
       // Both ping-pong buffers hold the constant spin -1 outside the span.
       std::memcpy(q1 + rp, qr, sizeof(float) * W);
     } else {
       ws.lo[y] = 0;
       ws.hi[y] = W;
+      ws.holes[y] = 0;
 #pragma omp simd
       for (int x = 0; x < W; ++x) {
         u[r + x] = unary(pr[x]);
@@ -105,76 +127,130 @@ void prepare_rows(const Crop& c, Workspace& ws, float* __restrict q0,
       if (ny >= H || x_lo >= x_hi) x_lo = x_hi = 0;
       for (int x = 0; x < x_lo; ++x) wr[x] = 0.0f;
       for (int x = x_hi; x < W; ++x) wr[x] = 0.0f;
-      // pixel_weight() of every pixel of the row, with the channel loop of
-      // colour_dist2() inside the vectorised x loop (unrolled for kC > 0).
+      // pixel_weight() of every pixel of the row (the channel loop of
+      // colour_dist2() unrolled for kC > 0).
       const int64_t nr = ny * W + dx;
+      const auto weights = [&](int a, int b) __attribute__((always_inline)) {
 #pragma omp simd
-      for (int x = x_lo; x < x_hi; ++x)
-        wr[x] = kernel_weight(colour_dist2(c.img, HW, nc, r + x, nr + x),
-                              c.inv_two_zeta2);
+        for (int x = a; x < b; ++x)
+          wr[x] = kernel_weight(colour_dist2(c.img, HW, nc, r + x, nr + x),
+                                c.inv_two_zeta2);
+      };
+      // A span that is not a whole number of vectors (W - 1 for 3 of the 4
+      // planes) would end in a slow scalar tail: whole vectors, then the
+      // last kVector pixels again (rewriting the same values).
+      const int n = x_hi - x_lo, n_whole = n / kVector * kVector;
+      if (n < kVector) {
+        weights(x_lo, x_hi);
+      } else {
+        weights(x_lo, x_lo + n_whole);
+        if (n_whole < n) weights(x_hi - kVector, x_hi);
+      }
     }
   }
+}
+
+// The three padded spin rows around row y and the weight planes, at column 0.
+struct RowView {
+  const float *sm, *sc, *sp;      // spins of rows y-1, y, y+1
+  const float *p0, *p1, *p2, *p3;  // weight planes
+  int64_t r0, r1;                  // padded offsets of rows y-1, y
+};
+
+// Message of pixel x (F = float) or pixels [x, x + kLanes) (F = LaneF).  Same
+// neighbour order / weight planes as gather_w + gather_q + message in
+// mean_field.h (k<4: backward neighbour, plane 3-k stored at the neighbour;
+// k>=4: forward, plane k-4 stored at this pixel), written as an explicit
+// fold because GCC does not loop-vectorise through message()'s arrays.
+template <class F>
+inline __attribute__((always_inline)) F row_message(const RowView& v, int x) {
+  const int64_t r0 = v.r0 + x, r1 = v.r1 + x;
+  const auto ld = [](const float* p) { return load_value(p, F{}); };
+  F acc = F{};
+  acc = accumulate_spin(acc, ld(v.p3 + r0 - 1), ld(v.sm + x - 1));  // -1,-1
+  acc = accumulate_spin(acc, ld(v.p2 + r0), ld(v.sm + x));          // -1, 0
+  acc = accumulate_spin(acc, ld(v.p1 + r0 + 1), ld(v.sm + x + 1));  // -1,+1
+  acc = accumulate_spin(acc, ld(v.p0 + r1 - 1), ld(v.sc + x - 1));  //  0,-1
+  acc = accumulate_spin(acc, ld(v.p0 + r1), ld(v.sc + x + 1));      //  0,+1
+  acc = accumulate_spin(acc, ld(v.p1 + r1), ld(v.sp + x - 1));      // +1,-1
+  acc = accumulate_spin(acc, ld(v.p2 + r1), ld(v.sp + x));          // +1, 0
+  acc = accumulate_spin(acc, ld(v.p3 + r1), ld(v.sp + x + 1));      // +1,+1
+  return acc;
+}
+
+// New Q of pixel(s) x, written to out as a spin (kSpinOut) or as Q.
+template <class F, bool kMask, bool kInRange, bool kSpinOut>
+inline __attribute__((always_inline)) void update_at(
+    const RowView& v, const float* ur, const int32_t* mr, float omega,
+    float* out, int x) {
+  const F acc = row_message<F>(v, x);
+  const F u = load_value(ur + x, F{});
+  F q;
+  if constexpr (kInRange) {
+    if constexpr (kMask)
+      q = update_in_range(u, omega, acc, inside_mask(mr + x, F{}));
+    else
+      q = update_in_range(u, omega, acc, true);
+  } else {
+    q = update(u, omega, acc, kMask ? mr[x] != 0 : true);
+  }
+  store(out + x, kSpinOut ? spin(q) : q);
+}
+
+// One row of one iteration over the box span [lo, hi) (outside it Q stays
+// 0), kLanes pixels at a time; a span that is not a whole number of LaneFs
+// ends with the last kLanes pixels again (the update reads only cur, so they
+// are rewritten with the same values).  Spans shorter than kLanes, and the
+// clamped update (|omega| > kOmegaInRange, rare), go one pixel at a time
+// (vectorised by GCC).
+template <bool kMask, bool kInRange, bool kSpinOut>
+void sweep_row(const RowView& v, const float* ur, const int32_t* mr,
+               float omega, float* out, int lo, int hi) {
+  if constexpr (kInRange) {
+    if (hi - lo >= kLanes) {
+      int x = lo;
+      for (; x + kLanes <= hi; x += kLanes)
+        update_at<LaneF, kMask, true, kSpinOut>(v, ur, mr, omega, out, x);
+      if (x < hi)
+        update_at<LaneF, kMask, true, kSpinOut>(v, ur, mr, omega, out, hi - kLanes);
+      return;
+    }
+  }
+#pragma omp simd
+  for (int x = lo; x < hi; ++x)
+    update_at<float, kMask, kInRange, kSpinOut>(v, ur, mr, omega, out, x);
 }
 
 // One row of one iteration.  cur/nxt: padded spin buffers.  If q_out is set
 // (last iteration) Q itself is written there ([H][W] row y) instead.
 template <bool kMask, bool kInRange>
-void step_row(const Crop& c, const Workspace& ws, const float* __restrict cur,
-              float* __restrict nxt, float* __restrict q_out, int y) {
+void step_row(const Crop& c, const Workspace& ws, const float* cur,
+              float* nxt, float* q_out, int y) {
   const int W = c.W;
   const int64_t Wp = W + 2, HWp = (c.H + 2) * Wp;
-  // padded row starts (column 0 of the crop) of rows y-1, y, y+1
-  const int64_t r0 = y * Wp + 1, r1 = r0 + Wp, r2 = r1 + Wp;
-  const float* __restrict sm = cur + r0;
-  const float* __restrict sc = cur + r1;
-  const float* __restrict sp = cur + r2;
-  const float* __restrict w = ws.w.data();
-  const float* __restrict p0 = w + 0 * HWp;
-  const float* __restrict p1 = w + 1 * HWp;
-  const float* __restrict p2 = w + 2 * HWp;
-  const float* __restrict p3 = w + 3 * HWp;
-  const float* __restrict ur = ws.u.data() + static_cast<int64_t>(y) * W;
-  const uint8_t* __restrict mr =
-      kMask ? reinterpret_cast<const uint8_t*>(c.mask) +
-                  static_cast<int64_t>(y) * W
-            : nullptr;
-  const float omega = c.omega;
-  // Same neighbour order / weight planes as gather_w + gather_q + message in
-  // mean_field.h (k<4: backward neighbour, plane 3-k stored at the neighbour;
-  // k>=4: forward, plane k-4 stored at this pixel), written as an explicit
-  // fold because GCC does not loop-vectorise through message()'s arrays.
-#define MF_ROW_MESSAGE                                             \
-  float acc = 0.0f;                                                \
-  acc = accumulate_spin(acc, p3[r0 + x - 1], sm[x - 1]); /*-1,-1*/ \
-  acc = accumulate_spin(acc, p2[r0 + x], sm[x]);         /*-1, 0*/ \
-  acc = accumulate_spin(acc, p1[r0 + x + 1], sm[x + 1]); /*-1,+1*/ \
-  acc = accumulate_spin(acc, p0[r1 + x - 1], sc[x - 1]); /* 0,-1*/ \
-  acc = accumulate_spin(acc, p0[r1 + x], sc[x + 1]);     /* 0,+1*/ \
-  acc = accumulate_spin(acc, p1[r1 + x], sp[x - 1]);     /*+1,-1*/ \
-  acc = accumulate_spin(acc, p2[r1 + x], sp[x]);         /*+1, 0*/ \
-  acc = accumulate_spin(acc, p3[r1 + x], sp[x + 1]);     /*+1,+1*/ \
-  const bool inside = kMask ? (mr[x] != 0) : true;                \
-  const float q = kInRange ? update_in_range(ur[x], omega, acc, inside) \
-                           : update(ur[x], omega, acc, inside);
-  const int lo = ws.lo[y], hi = ws.hi[y];  // box span: outside it Q stays 0
+  RowView v;
+  v.r0 = y * Wp + 1;  // padded row starts (column 0) of rows y-1, y
+  v.r1 = v.r0 + Wp;
+  v.sm = cur + v.r0;
+  v.sc = cur + v.r1;
+  v.sp = cur + v.r1 + Wp;
+  const float* w = ws.w.data();
+  v.p0 = w;
+  v.p1 = w + HWp;
+  v.p2 = w + 2 * HWp;
+  v.p3 = w + 3 * HWp;
+  const float* ur = ws.u.data() + static_cast<int64_t>(y) * W;
+  const int32_t* mr =
+      kMask ? ws.inside.data() + static_cast<int64_t>(y) * W : nullptr;
+  const int lo = ws.lo[y], hi = ws.hi[y];
   if (q_out == nullptr) {
-    float* __restrict out = nxt + r1;
-#pragma omp simd
-    for (int x = lo; x < hi; ++x) {
-      MF_ROW_MESSAGE
-      out[x] = spin(q);
-    }
+    sweep_row<kMask, kInRange, true>(v, ur, mr, c.omega, nxt + v.r1, lo, hi);
   } else {
-    float* __restrict out = q_out + static_cast<int64_t>(y) * W;
+    float* out = q_out + static_cast<int64_t>(y) * W;
     std::fill(out, out + lo, 0.0f);
     std::fill(out + hi, out + W, 0.0f);
-#pragma omp simd
-    for (int x = lo; x < hi; ++x) {
-      MF_ROW_MESSAGE
-      out[x] = q;
-    }
+    sweep_row<kMask, kInRange, false>(v, ur, mr, c.omega, out, lo, hi);
   }
-#undef MF_ROW_MESSAGE
 }
 
 // Solve one crop into `out` [H][W].  `parallel_rows` splits the rows of each
@@ -200,7 +276,7 @@ void solve_crop_fast(const Crop& c, int64_t iters, float* out, Workspace& ws,
   });
   const bool in_range = omega_in_range(c.omega);
   auto step = [&](int y, float* q_out) {
-    if (c.mask)
+    if (ws.holes[y])
       in_range ? step_row<true, true>(c, ws, cur, nxt, q_out, y)
                : step_row<true, false>(c, ws, cur, nxt, q_out, y);
     else
