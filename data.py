@@ -253,6 +253,17 @@ def bbox_problem(x, y, w, h, width, height):
     return None
 
 
+def segmentation_rle(seg, h, w):
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(seg, h, w)
+    return seg
+
+
 def _clip_box(box, width, height):
     x0, y0, x1, y1 = box
     return (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
@@ -292,12 +303,15 @@ class BoxDataset(torch.utils.data.Dataset):
 
     Decoding: a small per-process LRU cache holds the last `cache_size` decoded images, so boxes of
     one image read consecutively decode it once; use ImageGroupedSampler to get such an order.
+
+    gt_masks=True (train.py --gt-masks, the fully supervised upper bound) adds gt_mask (float [S,S]
+    in [0, 1]): the annotation's segmentation cropped, resized and flipped exactly like the image.
     """
 
     SKIP_REASONS = ("missing_image_entry", "iscrowd", "degenerate", "outside_image", "small_area")
 
     def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
-                 t=0.2, color_aug=True, cache_size=4, check_size=True):
+                 t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False):
         if isinstance(ann_json, dict):
             coco = ann_json
         else:
@@ -306,7 +320,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
         self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
         self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
-        self.epoch = 0
+        self.gt_masks, self.epoch = bool(gt_masks), 0
 
         # Per-image arrays (numpy, not lists of dicts: forked workers do not copy them on access).
         images = coco.get("images", [])
@@ -317,7 +331,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.heights = np.array([im.get("height", -1) for im in images], dtype=np.int64)
 
         self.skipped = {r: 0 for r in self.SKIP_REASONS}
-        boxes, ann_ids, img_rows = [], [], []
+        boxes, ann_ids, img_rows, self.segmentations = [], [], [], []
         for a in coco.get("annotations", []):
             k = row.get(a.get("image_id"))
             if k is None:
@@ -338,6 +352,11 @@ class BoxDataset(torch.utils.data.Dataset):
             if w * h < self.min_area:
                 self.skipped["small_area"] += 1
                 continue
+            if self.gt_masks:
+                if "segmentation" not in a or W <= 0 or H <= 0:
+                    raise ValueError(f"annotation {a.get('id')}: --gt-masks needs a segmentation and the "
+                                     f"image's width and height")
+                self.segmentations.append(segmentation_rle(a["segmentation"], H, W))
             boxes.append((x, y, x + w, y + h))
             ann_ids.append(a["id"])
             img_rows.append(k)
@@ -400,9 +419,24 @@ class BoxDataset(torch.utils.data.Dataset):
         S = self.size
         self.n_invalid += 1
         z = torch.zeros(3, S, S, dtype=torch.uint8)
-        return dict(image=z, teacher_image=z.clone(), box_mask=torch.zeros(S, S), valid=False,
-                    ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[self.img_rows[i]]), index=i,
-                    crop_box=torch.zeros(4, dtype=torch.float64), flipped=False)
+        out = dict(image=z, teacher_image=z.clone(), box_mask=torch.zeros(S, S), valid=False,
+                   ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[self.img_rows[i]]), index=i,
+                   crop_box=torch.zeros(4, dtype=torch.float64), flipped=False)
+        if self.gt_masks:
+            out["gt_mask"] = torch.zeros(S, S)
+        return out
+
+    def _gt_mask(self, i, crop_used, flipped):
+        """The GT mask of box i through the same crop, resize and flip as the image: float [S,S]."""
+        from pycocotools import mask as mask_utils
+
+        rle = self.segmentations[i]
+        rle = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"])
+        m = Image.fromarray(mask_utils.decode(rle) * np.uint8(255), "L")
+        m = m.resize((self.size, self.size), Image.BILINEAR, box=crop_used)
+        if flipped:
+            m = m.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(m, dtype=np.float32) / 255.0)
 
     def __getitem__(self, i):
         import mal  # lazy: data.py stays importable on its own
@@ -441,9 +475,12 @@ class BoxDataset(torch.utils.data.Dataset):
                 aug = aug.convert("RGB", matrix)
             if aug is not crop_pil:
                 image = _pil_to_tensor(aug)
-        return dict(image=image, teacher_image=teacher, box_mask=mask, valid=True,
-                    ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[k]), index=i,
-                    crop_box=torch.tensor(crop_used, dtype=torch.float64), flipped=flipped)
+        out = dict(image=image, teacher_image=teacher, box_mask=mask, valid=True,
+                   ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[k]), index=i,
+                   crop_box=torch.tensor(crop_used, dtype=torch.float64), flipped=flipped)
+        if self.gt_masks:
+            out["gt_mask"] = self._gt_mask(i, crop_used, flipped)
+        return out
 
 
 class ImageGroupedSampler(torch.utils.data.Sampler):
@@ -473,9 +510,10 @@ def collate_boxes(samples):
         stack = lambda key: torch.stack([s[key] for s in good])
     else:  # keep shapes: [0, 3, S, S] etc.
         stack = lambda key: samples[0][key].new_empty((0,) + tuple(samples[0][key].shape))
+    extra = {"gt_mask": stack("gt_mask")} if "gt_mask" in samples[0] else {}
     return dict(
         image=stack("image"), teacher_image=stack("teacher_image"), box_mask=stack("box_mask"),
-        crop_box=stack("crop_box"),
+        crop_box=stack("crop_box"), **extra,
         ann_id=torch.tensor([s["ann_id"] for s in good], dtype=torch.int64),
         image_id=torch.tensor([s["image_id"] for s in good], dtype=torch.int64),
         index=torch.tensor([s["index"] for s in good], dtype=torch.int64),

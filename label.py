@@ -436,15 +436,6 @@ def apply_labels(out, anns, results, unlabeled_as="none"):
 # Evaluation: pseudo-label mIoU (by COCO area of the GT mask) and mask AP, vs the filled-box baseline
 
 
-def gt_rle(seg, h, w):
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
-    if isinstance(seg, list):
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    if isinstance(seg.get("counts"), list):
-        return mask_utils.frPyObjects(seg, h, w)
-    return seg
-
-
 def _to_bytes(rle):
     c = rle["counts"]
     return {"size": rle["size"], "counts": c.encode("ascii") if isinstance(c, str) else c}
@@ -481,7 +472,7 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
         if a["image_id"] not in sel or "segmentation" not in a:
             continue
         im = images[a["image_id"]]
-        a = dict(a, segmentation=gt_rle(a["segmentation"], im["height"], im["width"]))
+        a = dict(a, segmentation=data.segmentation_rle(a["segmentation"], im["height"], im["width"]))
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(mask_utils.area(a["segmentation"])))
         anns.append(a)

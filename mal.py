@@ -6,6 +6,8 @@ One file, in the paper's order:
         EMA teacher .......... make_teacher, ema_update
   §3.3  Losses ............... dice, mil_loss (Eq. 2), mean_field (Eq. 3-4), crf_loss (Eq. 5),
                                mal_loss (Eq. 1)
+  §4.6  Clustering score ..... clustering_score (Eq. 6): how well encoder features separate FG/BG
+  Upper bound ................ gt_mask_loss: the same network trained on GT masks (not MAL)
 Pretrained encoders (MAE, DeiT, timm, our own checkpoints) load with load_pretrained.
 """
 import copy
@@ -428,3 +430,43 @@ def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, al
     w_mil, w_crf = alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
     loss = w_mil * l_mil + w_crf * l_crf
     return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# §4.6 Clustering analysis
+
+
+def clustering_score(features, fg):
+    """Eq. 6: S = 1/N Σ_i ‖f_i/|f_i| − f'_γ(i)/|f'_γ(i)|‖², f'_1 and f'_0 the mean FG and BG feature
+    vectors of each crop (lower: the encoder separates object from background better).
+
+    features [B,C,h,w] (the encoder's output tokens), fg [B,h,w] bool (the GT mask at token
+    resolution). Centres are per crop; crops without FG or without BG tokens are left out.
+    Returns (S, N): the score and the number of tokens it averages."""
+    f = features.double()
+    fg = fg.to(f.device, torch.bool)
+    keep = fg.flatten(1).any(1) & (~fg).flatten(1).any(1)
+    f, fg = f[keep], fg[keep][:, None].double()
+    if len(f) == 0:
+        return float("nan"), 0
+    centre_fg = (f * fg).sum((2, 3)) / fg.sum((2, 3))  # f'_1 per crop [B', C]
+    centre_bg = (f * (1 - fg)).sum((2, 3)) / (1 - fg).sum((2, 3))  # f'_0
+    unit = F.normalize(f, dim=1)
+    centre = torch.where(fg.bool(), F.normalize(centre_fg, dim=1)[..., None, None],
+                         F.normalize(centre_bg, dim=1)[..., None, None])
+    d = ((unit - centre) ** 2).sum(1)  # [B', h, w]
+    return float(d.mean()), d.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Upper bound, not MAL: the same network trained on GT masks (train.py --gt-masks). The paper reports
+# box-supervised quality as retention of the fully supervised result; this measures the denominator.
+
+
+def gt_mask_loss(logits, gt_mask, *, loss_size=128):
+    """Dice + BCE of the mask logits against GT masks [B,S,S] (soft, in [0, 1]) at `loss_size`."""
+    gt = F.adaptive_avg_pool2d(gt_mask[:, None].float(), loss_size)[:, 0]
+    logits = upsample_logits(logits, loss_size)
+    l_dice = dice(logits.sigmoid(), gt).mean()
+    l_bce = F.binary_cross_entropy_with_logits(logits, gt)
+    return l_dice + l_bce, {"loss": (l_dice + l_bce).detach(), "dice": l_dice.detach(), "bce": l_bce.detach()}

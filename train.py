@@ -71,6 +71,9 @@ def get_args(argv=None):
     a("--crf-iters", type=int, default=100, help="mean-field iterations")
     a("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
     a("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
+    a("--gt-masks", action="store_true",
+      help="the fully supervised upper bound, not MAL: train the same network on the JSON's GT masks "
+           "(dice + BCE) instead of the box losses, to measure MAL's retention")
     a("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
     a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
     a("--group-by-image", action="store_true",
@@ -148,7 +151,7 @@ def main(argv=None):
     # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
     try:
         dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
-                                  min_area=args.min_area, theta=args.theta, seed=args.seed)
+                                  min_area=args.min_area, theta=args.theta, seed=args.seed, gt_masks=args.gt_masks)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{args.train_json}: cannot read the training boxes ({type(e).__name__}: {e})")
     log(f"train: {dataset.describe()}")
@@ -258,18 +261,23 @@ def main(argv=None):
                     weight = 0.0          # all-reduce, with a zero-weighted dummy crop
                     S = args.img_size
                     b = dict(image=torch.zeros(1, 3, S, S, dtype=torch.uint8), box_mask=torch.ones(1, S, S),
-                             teacher_image=torch.zeros(1, 3, S, S, dtype=torch.uint8))
+                             teacher_image=torch.zeros(1, 3, S, S, dtype=torch.uint8), gt_mask=torch.zeros(1, S, S))
                 image = data.normalize(b["image"].to(device, non_blocking=True))
                 clean = data.normalize(b["teacher_image"].to(device, non_blocking=True))
                 box = b["box_mask"].to(device, non_blocking=True)
                 sync = micro == args.accum - 1 or not ddp
                 with autocast, (contextlib.nullcontext() if sync else task.no_sync()):
-                    with torch.no_grad():
-                        t_logits = run_teacher(clean)
-                    logits = run_task(image)
-                    loss, terms = mal.mal_loss(logits, t_logits, clean, box, step, **loss_kw)
+                    if args.gt_masks:
+                        loss, terms = mal.gt_mask_loss(run_task(image), b["gt_mask"].to(device, non_blocking=True),
+                                                       loss_size=args.loss_size)
+                    else:
+                        with torch.no_grad():
+                            t_logits = run_teacher(clean)
+                        logits = run_task(image)
+                        loss, terms = mal.mal_loss(logits, t_logits, clean, box, step, **loss_kw)
                     (loss * weight).backward()
-                terms = torch.stack([terms["loss"], terms["mil"], terms["crf"], torch.ones_like(terms["loss"])])
+                names = list(terms)
+                terms = torch.stack(list(terms.values()) + [torch.ones_like(terms["loss"])])
                 terms = terms * (weight > 0)  # the dummy crop stays out of the logged means
                 sums = terms if sums is None else sums + terms
             if args.clip_grad > 0:
@@ -280,13 +288,14 @@ def main(argv=None):
             step += 1
             if master and (time.time() - t_log > args.log_every or step == stop_step):
                 # .item() only here: no host syncs inside the loop.
-                loss_v, mil_v, crf_v, n = sums.tolist()
-                loss_v, mil_v, crf_v = (v / max(n, 1) for v in (loss_v, mil_v, crf_v))
+                *means, n = sums.tolist()
+                means = {k: v / max(n, 1) for k, v in zip(names, means)}
                 rate = (step - step0) * global_batch / (time.time() - t0)
                 eta = (stop_step - step) * global_batch / max(rate, 1e-9)
-                rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_v, mil=mil_v, crf=crf_v, lr=lr,
+                rec = dict(epoch=epoch, step=step, total=stop_step, **means, lr=lr,
                            crops_per_s=rate, eta_s=eta, unreadable=unreadable)
-                log(f"epoch {epoch} step {step}/{stop_step} loss {loss_v:.4f} (mil {mil_v:.4f} crf {crf_v:.4f}) "
+                parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                log(f"epoch {epoch} step {step}/{stop_step} loss {means['loss']:.4f} ({parts}) "
                     f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
                     + (f" ({unreadable} unreadable crops skipped on rank 0)" if unreadable else ""))
                 logf.write(json.dumps(rec) + "\n")
