@@ -123,17 +123,23 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # --- distributed setup from torchrun's environment (single process without it) ---
+def init_distributed(device):
+    """(ddp, rank, world, device) from torchrun's environment, a single process without it. Under
+    torchrun this joins the process group (nccl on CUDA, gloo on CPU); CUDA means cuda:LOCAL_RANK."""
     ddp = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(args.device)
+    device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, world, device
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
     if args.demo and master:
@@ -214,7 +220,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
     # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
-    task = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else net
+    task = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp, crf_ramp=args.crf_ramp,
