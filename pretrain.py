@@ -1,0 +1,592 @@
+"""MAE self-supervised pretraining of MAL's ViT encoder (He et al., "Masked Autoencoders Are Scalable
+Vision Learners", CVPR 2022): the encoder that train.py --init then starts from.
+
+    python pretrain.py                                     # the demo: ~3 min on 2 CPU cores -> demo/pretrain/
+    python pretrain.py --images DIR --out runs/mae         # every image under DIR
+    python pretrain.py --json boxes.json --images DIR --out runs/mae   # the box crops MAL trains on
+    torchrun --nproc_per_node 8 pretrain.py --json boxes.json --images DIR --out runs/mae   # DDP
+    python train.py --train-json boxes.json --images DIR --init runs/mae/last.pt ...
+
+MAE: a random 75% of each view's patches are masked; the encoder sees only the visible patches; a
+light decoder takes the encoded visible patches plus a shared, learned mask token at every masked
+position (all with fixed 2-D sine-cosine position embeddings) and predicts every patch's pixels;
+the loss is the mean squared error on the masked patches only, against each patch's pixels
+normalised by that patch's own mean and variance. Only the encoder is kept for MAL.
+
+One flat loop as in train.py: rank and world size come from torchrun's environment. The run folder
+holds last.pt, log.jsonl and vis/ (--vis). last.pt is in MAE's published layout: `model` = the
+encoder's keys (mal.VisionTransformer's names) plus decoder_* and mask_token, so mal.load_pretrained
+(train.py --init) and other MAE tools read it; its other top-level keys are what --resume needs.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import mal
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
+# training set, what MAL then trains on, so that `train.py --demo --init demo/pretrain/last.pt` works.
+DEMO = dict(json=train.DEMO["train_json"], images=train.DEMO["images"], views="boxes", min_area=train.DEMO["min_area"],
+            arch=train.DEMO["arch"], depth=train.DEMO["depth"], patch_size=train.DEMO["patch_size"],
+            img_size=train.DEMO["img_size"], decoder_dim=128, decoder_depth=1, decoder_heads=4, batch_size=32,
+            epochs=8, lr_per_image=1e-4, warmup_steps=30, out=os.path.join(HERE, "demo", "pretrain"), workers=1,
+            vis=8)
+
+# ----------------------------------------------------------------------------------------------
+# The model: mal's ViT encoder plus MAE's decoder.
+
+
+def sincos_pos_embed(dim, grid):
+    """MAE's fixed 2-D sine-cosine position embedding for a grid × grid patch grid: [1, 1 + grid², dim],
+    the class token's slot zero. The first dim/2 channels encode the patch's column, the last dim/2
+    its row, each as [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(dim/4)), k = 0 … dim/4 − 1."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine embedding needs a width divisible by 4, not {dim}")
+    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
+
+    def code(pos):
+        angle = pos.flatten()[:, None] * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([code(cols), code(rows)], dim=1)])
+    return table.float()[None]
+
+
+def num_visible(num_patches, mask_ratio):
+    """Patches left visible: round(N·(1 − mask ratio))."""
+    return int(round(num_patches * (1 - mask_ratio)))
+
+
+def random_masking(batch, num_patches, mask_ratio, generator):
+    """MAE's random masking, per view: a uniformly random subset of num_visible patches stays visible.
+    Returns ids_keep [B, K] (the visible patches, in random order) and mask [B, N] (True: masked)."""
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+    ids_keep = order[:, :num_visible(num_patches, mask_ratio)]
+    mask = torch.ones(batch, num_patches, dtype=torch.bool).scatter_(1, ids_keep, False)
+    return ids_keep, mask
+
+
+def patchify(images, p):
+    """[B, C, H, W] -> [B, N, p·p·C]: patches in the patch embedding's (row-major) order, each patch's
+    pixels row by row with the channels last (MAE's layout of decoder_pred)."""
+    B, C, H, W = images.shape
+    h, w = H // p, W // p
+    return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(patches, p, h, w):
+    """Inverse of patchify: [B, h·w, p·p·C] -> [B, C, h·p, w·p]."""
+    B = patches.shape[0]
+    return patches.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, h * p, w * p)
+
+
+def patch_targets(images, p):
+    """The reconstruction targets: each patch normalised by its own pixels' mean and variance (MAE's
+    normalised pixels). Returns (target, mean, var), all [B, N, ·], in float32."""
+    patches = patchify(images.float(), p)
+    mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6).sqrt(), mean, var
+
+
+def reconstruction_loss(pred, images, mask, p):
+    """Mean squared error per patch, averaged over the masked patches only. pred [B, N, p·p·3] the
+    decoder's output, images [B, 3, H, W] the (normalised) views, mask [B, N] True where masked."""
+    target, _, _ = patch_targets(images, p)
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum()  # no boolean indexing: no host sync on the GPU
+
+
+def reconstruct_pixels(pred, images, p):
+    """The decoder's output as images [B, 3, H, W]: each patch un-normalised with the mean and
+    variance of the view's own patch there (MAE's visualisation)."""
+    _, mean, var = patch_targets(images, p)
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    return unpatchify(pred.float() * (var + 1e-6).sqrt() + mean, p, h, w)
+
+
+class MaskedAutoencoder(mal.VisionTransformer):
+    """MAE around mal's ViT encoder E. The encoder's modules are mal.VisionTransformer's own (inherited),
+    so state_dict() is MAE's published layout: the encoder's keys as mal names them, plus
+    decoder_embed, mask_token, decoder_pos_embed, decoder_blocks (mal.Block), decoder_norm and
+    decoder_pred. forward(images, ids_keep) -> the predicted pixels of every patch [B, N, p·p·3]."""
+
+    def __init__(self, arch="vit_base", patch_size=16, img_size=224, depth=None, decoder_dim=512,
+                 decoder_depth=8, decoder_heads=16):
+        dim, d, heads, p = mal.VIT_CONFIGS[arch]
+        super().__init__(img_size, patch_size or p, dim, depth or d, heads)
+        grid = img_size // self.patch_size
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, decoder_dim))
+        self.decoder_blocks = nn.ModuleList(mal.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+        # MAE's initialisation: xavier_uniform for every linear map (the patch embedding as one),
+        # N(0, 0.02²) for the tokens, fixed sine-cosine position embeddings (no gradient).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed(dim, grid))
+            self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_dim, grid))
+        self.pos_embed.requires_grad_(False)
+        self.decoder_pos_embed.requires_grad_(False)
+
+    def encode(self, images, ids_keep):
+        """The encoder on the visible patches only: [B, 1 + K, C] (class token first), after the norm."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+        x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def decode(self, latent, ids_keep):
+        """Encoded visible patches + mask tokens at the masked positions -> pixels of all N patches."""
+        x = self.decoder_embed(latent)
+        B, D, N = len(x), x.shape[-1], self.decoder_pos_embed.shape[1] - 1
+        tokens = self.mask_token.to(x.dtype).expand(B, N, D).scatter(1, ids_keep[..., None].expand(-1, -1, D), x[:, 1:])
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward(self, images, ids_keep):
+        return self.decode(self.encode(images, ids_keep), ids_keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Views: random resized crops of whole images, or the RoI crops of a box JSON. A sample is
+# dict(image=uint8 [3, S, S], error=None) or, for an unreadable image, dict(image=zeros, error=
+# "<path>: <reason>"); the loop reports each such file once and counts the views it skipped.
+
+
+def find_images(folder):
+    """Paths (relative to folder) of the image files under it, recursively (symbolic links followed,
+    each real folder once), the extension compared case-insensitively; sorted."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def random_resized_box(width, height, generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A crop box (x0, y0, x1, y1) covering a uniform fraction `scale` of the image's area with a
+    log-uniform aspect ratio in `ratio` (MAE's augmentation); up to 10 draws, then the largest
+    centred box of the nearest allowed aspect ratio."""
+    area = width * height
+    for _ in range(10):
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        w, h = (target * aspect) ** 0.5, (target / aspect) ** 0.5
+        if w <= width and h <= height:
+            x0, y0 = (width - w) * u[2], (height - h) * u[3]
+            return (x0, y0, min(x0 + w, width), min(y0 + h, height))  # PIL refuses a box past the edge
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = min(width, height * aspect), min(height, width / aspect)
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    return (x0, y0, x0 + w, y0 + h)
+
+
+class ImageViews(torch.utils.data.Dataset):
+    """One sample = one image file as a random resized crop (bicubic, to size × size), flipped
+    horizontally with probability 1/2. The randomness of sample i is seeded by (seed, epoch, i):
+    samples do not depend on the worker count or the order; call set_epoch(e) before each epoch."""
+
+    def __init__(self, image_dir, files, size, seed=0):
+        self.image_dir, self.size, self.seed, self.epoch = os.fspath(image_dir), int(size), int(seed), 0
+        self.files = np.array(files, dtype=str)  # numpy, not a list: no copy-on-access in forked workers
+
+    def __len__(self):
+        return len(self.files)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def describe(self):
+        return f"{len(self)} images under {self.image_dir}"
+
+    def __getitem__(self, i):
+        try:
+            img = data.load_rgb(os.path.join(self.image_dir, str(self.files[i])))
+        except data.ImageError as e:
+            return dict(image=torch.zeros(3, self.size, self.size, dtype=torch.uint8), error=str(e))
+        g = torch.Generator().manual_seed(data._sample_seed(self.seed, self.epoch, i))
+        view = img.resize((self.size, self.size), Image.BICUBIC, box=random_resized_box(*img.size, g))
+        if torch.rand(1, generator=g).item() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        return dict(image=torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous(), error=None)
+
+
+class BoxViews(torch.utils.data.Dataset):
+    """One sample = one box's RoI crop exactly as MAL trains on it (data.BoxDataset(train=True,
+    color_aug=False): the §3.1 random expansion and a random flip, no colour augmentation)."""
+
+    def __init__(self, ann_json, image_dir, size, min_area, seed=0):
+        self.boxes = data.BoxDataset(ann_json, image_dir, size=size, train=True, color_aug=False,
+                                     min_area=min_area, seed=seed)
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def set_epoch(self, epoch):
+        self.boxes.set_epoch(epoch)
+
+    def describe(self):
+        return self.boxes.describe()
+
+    def __getitem__(self, i):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BoxDataset's per-worker warning: the loop reports once per file
+            s = self.boxes[i]
+        if s["valid"]:
+            return dict(image=s["image"], error=None)
+        ds = self.boxes
+        path = os.path.join(ds.image_dir, str(ds.file_names[ds.img_rows[int(i)]]))
+        return dict(image=s["image"], error=ds.bad_images[path])
+
+
+def collate_views(samples):
+    """dict(image=uint8 [n, 3, S, S] of the readable views (n may be 0), errors=[the others' errors])."""
+    good = [s["image"] for s in samples if s["error"] is None]
+    image = torch.stack(good) if good else samples[0]["image"].new_empty((0,) + tuple(samples[0]["image"].shape))
+    return dict(image=image, errors=[s["error"] for s in samples if s["error"] is not None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstructions for people to look at (--vis)
+
+
+def to_uint8(images):
+    """ImageNet-normalised float images [B, 3, H, W] (data.normalize's output) back to uint8."""
+    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, autocast):
+    """PNGs of the first n readable views of epoch 0: original | masked (grey) | reconstruction. The
+    reconstruction is the decoder's raw output on every patch, visible ones included (as in MAE's
+    figures), each patch un-normalised with the original patch's mean and variance."""
+    dataset.set_epoch(0)
+    views = []
+    for i in range(len(dataset)):
+        if len(views) == n:
+            break
+        s = dataset[i]
+        if s["error"] is None:
+            views.append(s["image"])
+    if not views:
+        return []
+    images = data.normalize(torch.stack(views).to(device))
+    p = model.patch_size
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    ids_keep, mask = random_masking(len(images), h * w, mask_ratio, torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    with autocast:
+        pred = model(images, ids_keep.to(device))
+    model.train(was_training)
+    original = to_uint8(images).cpu()
+    masked = patchify(original, p).clone()
+    masked[mask] = 128
+    panels = [original, unpatchify(masked, p, h, w), to_uint8(reconstruct_pixels(pred, images, p)).cpu()]
+    os.makedirs(out_dir, exist_ok=True)
+    gap = torch.full((3, original.shape[-2], 2), 255, dtype=torch.uint8)
+    written = []
+    for k in range(len(original)):
+        row = torch.cat([t for panel in panels for t in (panel[k], gap)][:-1], dim=-1)
+        path = os.path.join(out_dir, f"{k:03d}.png")
+        with data.atomic_file(path) as f:
+            Image.fromarray(row.permute(1, 2, 0).numpy()).save(f, format="PNG")
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line and the loop
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="MAE pretraining of MAL's ViT encoder; train.py --init OUT/last.pt starts MAL from it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+views:
+  --images DIR alone       every image under DIR (recursively; jpg, jpeg, png, bmp, tif, tiff, webp in
+                           any letter case) as MAE's random resized crops (scale 0.2-1, aspect 3/4-4/3)
+                           with horizontal flips
+  --json BOXES.json        the RoI crops of its boxes (file_name relative to --images): the crops MAL
+                           trains on (data.BoxDataset with its random expansion and flip, no colour
+                           augmentation); --min-area as train.py's
+  --json ... --views images  the JSON's listed images whole, as random resized crops
+
+the demo (no arguments, or --demo with flags that override it):
+  train.py's demo encoder (vit_tiny, 3 blocks, patch 8, 96 px) on the box crops of the demo's training
+  set, decoder 1x128, 8 epochs (about 2-3 min on 2 CPU cores), into demo/pretrain/. Longer runs
+  reconstruct better: python pretrain.py --demo --epochs 80. Then MAL from it:
+  python train.py --demo --init demo/pretrain/last.pt
+
+A killed run continues with the same command plus --resume.""")
+    a = p.add_argument
+    a("--demo", action="store_true", help="pretrain on the embedded demo set (the default with no arguments)")
+    a("--images", help="image folder: every image under it, or the folder that --json's file_name is relative to")
+    a("--json", help="COCO-format JSON: its boxes' RoI crops (or, with --views images, its images)")
+    a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
+    a("--min-area", type=float, default=data.RECIPE_MIN_AREA, help="box views: skip boxes smaller than this many px²")
+    a("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    a("--depth", type=int, default=None, help="override the encoder's number of blocks")
+    a("--patch-size", type=int, default=16, help="ViT patch size")
+    a("--img-size", type=int, default=224, help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
+    a("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked (MAE: 0.75)")
+    a("--decoder-dim", type=int, default=512, help="width of MAE's decoder (MAE: 512)")
+    a("--decoder-depth", type=int, default=8, help="blocks of MAE's decoder (MAE: 8)")
+    a("--decoder-heads", type=int, default=16, help="attention heads of MAE's decoder (MAE: 16)")
+    a("--batch-size", type=int, default=64, help="views per process per micro-step")
+    a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=int, default=400, help="epochs; the learning-rate schedule spans all of them (MAE: 800)")
+    a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
+    a("--lr-per-image", type=float, default=1.5e-4 / 256,
+      help="peak learning rate per image of the global batch (MAE: base lr 1.5e-4 per 256 images)")
+    a("--warmup-steps", type=int, default=None,
+      help="linear warm-up steps before the cosine decay to 0 (default: 5%% of all steps, as MAE's 40 of 800 epochs)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
+    a("--out", default="runs/mae", help="run folder (last.pt, log.jsonl, vis/)")
+    a("--resume", nargs="?", const="last", default=None,
+      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
+    a("--seed", type=int, default=0, help="seed of the weights, the data order, the views and the masks")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    a("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    a("--save-every", type=int, default=1000, help="write last.pt every this many steps")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    a("--vis", type=int, default=0, help="at the end, write N reconstruction PNGs to OUT/vis/")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or p.parse_args(argv).demo:
+        p.set_defaults(**DEMO)
+    args = p.parse_args(argv)
+    args.demo = args.demo or not argv
+    if not args.images:
+        p.error("--images is required (or run with no arguments for the demo)")
+    if args.views == "boxes" and not args.json:
+        p.error("--views boxes needs --json (the boxes to crop)")
+    args.views = args.views or ("boxes" if args.json else "images")
+    if args.img_size % args.patch_size:
+        p.error(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    n = (args.img_size // args.patch_size) ** 2
+    if not 1 <= num_visible(n, args.mask_ratio) < n:
+        p.error(f"--mask-ratio {args.mask_ratio} leaves {num_visible(n, args.mask_ratio)} of {n} patches visible; "
+                f"at least one must be visible and one masked")
+    if args.decoder_dim % 4 or args.decoder_dim % args.decoder_heads:
+        p.error(f"--decoder-dim {args.decoder_dim} must be divisible by 4 (sine-cosine) and by --decoder-heads")
+    return args
+
+
+def make_views(args):
+    """The dataset the flags ask for; a one-line SystemExit naming the file or folder otherwise."""
+    if not os.path.isdir(args.images):
+        raise SystemExit(f"{args.images}: no such image folder")
+    if args.json and not os.path.isfile(args.json):
+        raise SystemExit(f"{args.json}: no such file")
+    try:
+        if args.views == "boxes":
+            return BoxViews(args.json, args.images, args.img_size, args.min_area, args.seed)
+        if args.json:
+            with open(args.json) as f:
+                files = [im["file_name"] for im in json.load(f)["images"]]
+        else:
+            files = find_images(args.images)
+            if not files:
+                raise SystemExit(f"{args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+        return ImageViews(args.images, files, args.img_size, args.seed)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{args.json or args.images}: cannot read the {args.views} ({type(e).__name__}: {e})")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, world, device = train.init_distributed(args.device)
+    master = rank == 0
+    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
+    if args.demo and master:
+        data.make_demo(train.DEMO_ROOT)
+    if ddp:
+        dist.barrier()
+    dataset = make_views(args)
+    log(f"views: {args.views} at {args.img_size}px, {dataset.describe()}")
+    os.makedirs(args.out, exist_ok=True)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
+                                                              drop_last=True)
+    steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.json or args.images}: {len(dataset)} views are fewer than one global batch "
+                         f"({args.batch_size} × {args.accum} × {world} processes)")
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    warmup = round(0.05 * total_steps) if args.warmup_steps is None else args.warmup_steps
+    global_batch = args.batch_size * args.accum * world
+    peak_lr = args.lr_per_image * global_batch
+
+    torch.manual_seed(args.seed)
+    model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size, depth=args.depth,
+                      decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
+    net = MaskedAutoencoder(**model_args).to(device)
+    num_patches = (args.img_size // args.patch_size) ** 2
+    # No weight decay on norms, biases and the tokens; the position embeddings are fixed.
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    decays = {n: p.ndim > 1 and n not in ("cls_token", "mask_token") for n, p in params}
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays[n]], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}],
+                            lr=peak_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # Masks are drawn on the CPU from a generator of their own: the same masks on any device, and
+    # its state (one per rank) is all the randomness a resume has to restore.
+    mask_rng = torch.Generator().manual_seed(args.seed + 1000003 * rank)
+    step, epoch = 0, 0
+    ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"{ckpt_path}: no checkpoint to resume from")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            saved = dict(ckpt["args"], world=ckpt["world"], model_args=ckpt["model_args"])
+            state = ckpt["model"], ckpt["optimizer"], ckpt["rng"][rank]["mask"]
+        except Exception as e:
+            raise SystemExit(f"{ckpt_path}: not a pretrain.py checkpoint ({type(e).__name__}: {e})")
+        # The data position, the masks and the schedule follow from these: a resume must keep them.
+        now = dict(vars(args), world=world, model_args=model_args)
+        for key in ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio"):
+            if saved.get(key) != now[key]:
+                raise SystemExit(f"{ckpt_path}: {key} was {saved.get(key)} and is now {now[key]}; "
+                                 f"resume with the same value")
+        net.load_state_dict(state[0])
+        opt.load_state_dict(state[1])
+        mask_rng.set_state(state[2])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def checkpoint(path):
+        """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
+        rng = [{"mask": mask_rng.get_state()}]
+        if ddp:
+            rng = rng * world
+            dist.all_gather_object(rng, rng[0])
+        if master:
+            with data.atomic_file(path) as f:
+                torch.save({"model": net.state_dict(), "model_args": model_args, "optimizer": opt.state_dict(),
+                            "step": step, "epoch": epoch, "world": world, "rng": rng, "args": vars(args)}, f)
+
+    log(f"MAE {args.arch}/{args.patch_size} at {args.img_size}px, mask ratio {args.mask_ratio} "
+        f"({num_visible(num_patches, args.mask_ratio)} of {num_patches} patches visible), decoder "
+        f"{args.decoder_depth}×{args.decoder_dim} on {world}× {device.type}: {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps in all, stop at {stop_step}; global batch {global_batch}, peak lr {peak_lr:.3g}, "
+        f"warm-up {warmup} steps")
+    logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    t_log, t0, step0 = time.time(), time.time(), step
+    sums, unreadable, reported = None, 0, set()  # this rank's skipped views, and the errors it has printed
+    while step < stop_step:
+        # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        done_in_epoch = step - epoch * steps_per_epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size,
+            sampler=train.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
+            num_workers=args.workers, collate_fn=collate_views, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed + epoch))
+        batches = iter(loader)
+        for _ in range(done_in_epoch, steps_per_epoch):
+            lr = train.lr_at(step, total_steps, peak_lr, warmup, 0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            for micro in range(args.accum):
+                b = next(batches)
+                for err in b["errors"]:
+                    if err not in reported:
+                        reported.add(err)
+                        print(f"pretrain: skipping unreadable image {err}", file=sys.stderr, flush=True)
+                unreadable += len(b["errors"])
+                images, weight = b["image"], 1.0 / args.accum
+                if len(images) == 0:  # every view unreadable: still join DDP's all-reduce, weighted 0
+                    images, weight = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8), 0.0
+                images = data.normalize(images.to(device, non_blocking=True))
+                ids_keep, mask = random_masking(len(images), num_patches, args.mask_ratio, mask_rng)
+                sync = micro == args.accum - 1 or not ddp
+                with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
+                    pred = model(images, ids_keep.to(device, non_blocking=True))
+                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True), args.patch_size)
+                    (loss * weight).backward()
+                term = torch.stack([loss.detach(), torch.ones_like(loss)]) * (weight > 0)
+                sums = term if sums is None else sums + term
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if master and (time.time() - t_log > args.log_every or step == stop_step):
+                loss_sum, n = sums.tolist()  # the only host sync, here
+                rate = (step - step0) * global_batch / (time.time() - t0)
+                eta = (stop_step - step) * global_batch / max(rate, 1e-9)
+                rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_sum / max(n, 1), lr=lr,
+                           images_per_s=rate, eta_s=eta, unreadable=unreadable)
+                log(f"epoch {epoch} step {step}/{stop_step} loss {rec['loss']:.4f} lr {lr:.3g} "
+                    f"{rate:.1f} img/s ETA {eta / 60:.1f} min"
+                    + (f" ({unreadable} unreadable views skipped on rank 0)" if unreadable else ""))
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                t_log, t0, step0, sums = time.time(), time.time(), step, None
+            if step % args.save_every == 0:
+                checkpoint(os.path.join(args.out, "last.pt"))
+            if step >= stop_step:
+                break
+        del batches, loader
+        if step == (epoch + 1) * steps_per_epoch:
+            epoch += 1
+    checkpoint(os.path.join(args.out, "last.pt"))
+    if ddp:
+        counts = torch.tensor([unreadable], device=device)
+        dist.all_reduce(counts)
+        unreadable = int(counts.item())
+    log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
+        + (f"; {unreadable} unreadable views skipped on {world} ranks" if unreadable else ""))
+    if master and args.vis:
+        written = write_reconstructions(net, dataset, args.vis, os.path.join(args.out, "vis"), device,
+                                        args.mask_ratio, args.seed, autocast)
+        log(f"{len(written)} reconstructions in {os.path.join(args.out, 'vis')}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
