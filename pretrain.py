@@ -1,7 +1,7 @@
 """MAE self-supervised pretraining of MAL's ViT encoder (He et al., "Masked Autoencoders Are Scalable
 Vision Learners", CVPR 2022): the encoder that train.py --init then starts from.
 
-    python pretrain.py                                     # the demo: ~3 min on 2 CPU cores -> demo/pretrain/
+    python pretrain.py                                     # the demo: ~2.5 min on a CPU -> demo/pretrain/
     python pretrain.py --images DIR --out runs/mae         # every image under DIR
     python pretrain.py --json boxes.json --images DIR --out runs/mae   # the box crops MAL trains on
     torchrun --nproc_per_node 8 pretrain.py --json boxes.json --images DIR --out runs/mae   # DDP
@@ -356,7 +356,7 @@ views:
 
 the demo (no arguments, or --demo with flags that override it):
   train.py's demo encoder (vit_tiny, 3 blocks, patch 8, 96 px) on the box crops of the demo's training
-  set, decoder 1x128, 8 epochs (about 2-3 min on 2 CPU cores), into demo/pretrain/. Longer runs
+  set, decoder 1x128, 8 epochs (about 2.5 min on 2 CPU cores), into demo/pretrain/. Longer runs
   reconstruct better: python pretrain.py --demo --epochs 80. Then MAL from it:
   python train.py --demo --init demo/pretrain/last.pt
 
