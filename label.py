@@ -38,7 +38,9 @@ import data
 import mal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-THR = 0.7  # mask = probability > THR (chosen on demo validation, see above)
+# Test-time settings for a checkpoint without a recipe of its own (see test_time_settings).
+TEST_TIME = dict(net="task", expand=0.2, thr=0.5, flip=False, crf_refine=False, crf_iters=100, crf_size=128,
+                 crf_zeta=0.5, crf_omega=2.0)
 AREA_BINS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, float("inf")))
 
 # ----------------------------------------------------------------------------------------------
@@ -204,10 +206,10 @@ def load_boxes(json_path, images_json=None, score_thr=None):
 # Model and the one inference path (label.py, train.py's validation and the tests all use it)
 
 
-def load_checkpoint(ckpt):
+def load_checkpoint(ckpt, mmap=False):
     """A train.py checkpoint as a dict (on CPU); any failure is a one-line SystemExit naming it."""
     try:
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise SystemExit(f"label.py: checkpoint {ckpt} not found")
     except Exception as e:  # truncated file, not a checkpoint, unpicklable objects, ...
@@ -309,7 +311,7 @@ def _image_boxes(images, todo, image_dir, size, expand):
     return data.ImageBoxes(images, boxes, image_dir, size, t=expand)
 
 
-def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=None, expand=0.2, thr=THR,
+def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=None, expand=0.2, thr=0.5,
                  flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5, crf_omega=2.0, batch_size=32,
                  workers=0, threads=4, progress=None):
     """Label the boxes `todo` {image_id: [ann, ...]} of `images` (image dicts, in this order).
@@ -534,6 +536,27 @@ def format_eval(r):
     return "\n".join(lines)
 
 
+@torch.inference_mode()
+def clustering(net, gt, image_dir, device, batch_size=64):
+    """§4.6: the clustering score (Eq. 6) of the network's encoder over the label-time crops of the GT
+    boxes of `gt` (a COCO dict or path with GT masks): tokens are FG where over half of their patch
+    is GT mask. Returns (score, tokens scored)."""
+    net = getattr(net, "module", net)
+    enc = net.encoder
+    ds = data.BoxDataset(gt, image_dir, size=input_size([net]), train=False, gt_masks=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=data.collate_boxes)
+    total, n = 0.0, 0
+    for b in loader:
+        if len(b["image"]) == 0:
+            continue
+        feats = enc(data.normalize(b["image"].to(device))).float()
+        fg = F.avg_pool2d(b["gt_mask"][:, None], enc.patch_size)[:, 0] > 0.5
+        s, k = mal.clustering_score(feats, fg)
+        if k:
+            total, n = total + s * k, n + k
+    return (total / n if n else float("nan")), n
+
+
 VALIDATE_KEYS = ("miou", "miou_small", "miou_medium", "miou_large", "box_miou", "box_miou_small",
                  "box_miou_medium", "box_miou_large", "ap", "ap50", "box_ap", "box_ap50")
 
@@ -676,17 +699,18 @@ def get_args(argv=None):
     p.add_argument("--images-json", help="for a results list: JSON with the image entries (its categories "
                                          "are copied; its GT masks, if any, are used by --eval)")
     p.add_argument("--score-thr", type=float, help="keep results with score >= this (others are dropped and counted)")
-    p.add_argument("--net", choices=["task", "teacher", "avg"], default="task",
-                   help="which weights label: the task net, the EMA teacher, or the mean of both "
-                        "(default task: best on demo validation)")
-    p.add_argument("--expand", type=float, default=0.2, help="test-time box expansion t (each side ×(1+t))")
-    p.add_argument("--thr", type=float, default=THR, help="mask = probability > thr")
-    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped crop")
-    p.add_argument("--crf-refine", action="store_true", help="mean-field CRF refinement of each mask")
-    p.add_argument("--crf-iters", type=int, help="mean-field iterations (default: the checkpoint's training value)")
-    p.add_argument("--crf-size", type=int, help="resolution the CRF runs at (default: the training loss size)")
-    p.add_argument("--crf-zeta", type=float, default=0.5, help="CRF colour bandwidth ζ (Eq. 4)")
-    p.add_argument("--crf-omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
+    # Test-time settings: a flag given here wins, then the checkpoint's recipe (`label_defaults`, written
+    # by train.py), then TEST_TIME. --crf-iters / --crf-size default to the training loss's values.
+    p.add_argument("--net", choices=["task", "teacher", "avg"],
+                   help="which weights label: the task net, the EMA teacher, or the mean of both")
+    p.add_argument("--expand", type=float, help="test-time box expansion t (each side ×(1+t))")
+    p.add_argument("--thr", type=float, help="mask = probability > thr")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="average with the horizontally flipped crop")
+    p.add_argument("--crf-refine", action=argparse.BooleanOptionalAction, help="mean-field CRF refinement of each mask")
+    p.add_argument("--crf-iters", type=int, help="mean-field iterations")
+    p.add_argument("--crf-size", type=int, help="resolution the CRF runs at")
+    p.add_argument("--crf-zeta", type=float, help="CRF colour bandwidth ζ (Eq. 4)")
+    p.add_argument("--crf-omega", type=float, help="CRF pairwise weight ω (Eq. 4)")
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward (across images)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode + crop)")
     p.add_argument("--threads", type=int, default=4, help="threads that paste and RLE-encode masks")
@@ -714,6 +738,25 @@ def demo_argv():
         subprocess.run([sys.executable, os.path.join(HERE, "train.py")], cwd=HERE, check=True)
     return ["--ckpt", ckpt, "--json", d["val_json"], "--images", d["val_images"],
             "--out", os.path.join(HERE, "demo", "labels.json"), "--vis", "8", "--eval", "--crf-refine"]
+
+
+def test_time_settings(args):
+    """Fill the test-time flags left unset from the checkpoint's recipe, then TEST_TIME; say which."""
+    ck = load_checkpoint(args.ckpt, mmap=True)  # mapped, not read: only its small entries are used
+    recipe, targs = dict(ck.get("label_defaults") or {}), ck.get("args") or {}
+    recipe.setdefault("crf_iters", targs.get("crf_iters", 100))
+    recipe.setdefault("crf_size", targs.get("loss_size", 128))
+    given = [k for k in TEST_TIME if getattr(args, k) is not None]
+    for k, v in TEST_TIME.items():
+        if getattr(args, k) is None:
+            setattr(args, k, recipe.get(k, v))
+    if not args.crf_refine:
+        args.crf_iters = 0
+    print(f"label.py: net {args.net}, thr {args.thr:g}, expand {args.expand:g}, flip {'on' if args.flip else 'off'}, "
+          + (f"CRF refinement {args.crf_iters} iterations at {args.crf_size}px (ζ {args.crf_zeta:g}, ω {args.crf_omega:g})"
+             if args.crf_refine else "no CRF refinement")
+          + (f"; from the checkpoint's recipe except {', '.join('--' + k.replace('_', '-') for k in given)}" if given
+             else "; from the checkpoint's recipe" if ck.get("label_defaults") else ""), file=sys.stderr)
 
 
 def dist_setup(args):
@@ -758,14 +801,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv if argv else demo_argv())
     check_inputs(args)
-    if args.crf_refine and (args.crf_iters is None or args.crf_size is None):
-        # Refine the way the model was trained: its loss resolution and mean-field iterations.
-        # Only the training args are needed: read them without building the network.
-        targs = load_checkpoint(args.ckpt).get("args") or {}
-        args.crf_iters = targs.get("crf_iters", 100) if args.crf_iters is None else args.crf_iters
-        args.crf_size = targs.get("loss_size", 128) if args.crf_size is None else args.crf_size
-    args.crf_iters = args.crf_iters if args.crf_refine else 0
-    args.crf_size = args.crf_size or 128
+    test_time_settings(args)
     if args.chunk_images < 1 or args.batch_size < 1:
         raise SystemExit("label.py: --chunk-images and --batch-size must be >= 1")
     t0 = time.time()

@@ -43,7 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
 # training set, what MAL then trains on, so that `train.py --demo --init demo/pretrain/last.pt` works.
-DEMO = dict(json=train.DEMO["train_json"], images=train.DEMO["images"], views="boxes", min_area=train.DEMO["min_area"],
+DEMO = dict(json=train.DEMO_DATA["train_json"], images=train.DEMO_DATA["images"], views="boxes", min_area=train.DEMO["min_area"],
             arch=train.DEMO["arch"], depth=train.DEMO["depth"], patch_size=train.DEMO["patch_size"],
             img_size=train.DEMO["img_size"], decoder_dim=128, decoder_depth=1, decoder_heads=4, batch_size=32,
             epochs=8, lr_per_image=1e-4, warmup_steps=30, out=os.path.join(HERE, "demo", "pretrain"), workers=1,
@@ -51,23 +51,6 @@ DEMO = dict(json=train.DEMO["train_json"], images=train.DEMO["images"], views="b
 
 # ----------------------------------------------------------------------------------------------
 # The model: mal's ViT encoder plus MAE's decoder.
-
-
-def sincos_pos_embed(dim, grid):
-    """MAE's fixed 2-D sine-cosine position embedding for a grid × grid patch grid: [1, 1 + grid², dim],
-    the class token's slot zero. The first dim/2 channels encode the patch's column, the last dim/2
-    its row, each as [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(dim/4)), k = 0 … dim/4 − 1."""
-    if dim % 4:
-        raise ValueError(f"a 2-D sine-cosine embedding needs a width divisible by 4, not {dim}")
-    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
-
-    def code(pos):
-        angle = pos.flatten()[:, None] * omega
-        return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([code(cols), code(rows)], dim=1)])
-    return table.float()[None]
 
 
 def num_visible(num_patches, mask_ratio):
@@ -141,7 +124,8 @@ class MaskedAutoencoder(mal.VisionTransformer):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
         # MAE's initialisation: xavier_uniform for every linear map (the patch embedding as one),
-        # N(0, 0.02²) for the tokens, fixed sine-cosine position embeddings (no gradient).
+        # N(0, 0.02²) for the tokens, fixed sine-cosine position embeddings (no gradient; the
+        # encoder's already start as that table).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -152,8 +136,7 @@ class MaskedAutoencoder(mal.VisionTransformer):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(dim, grid))
-            self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_dim, grid))
+            self.decoder_pos_embed.copy_(mal.sincos_pos_embed(decoder_dim, grid))
         self.pos_embed.requires_grad_(False)
         self.decoder_pos_embed.requires_grad_(False)
 

@@ -325,6 +325,35 @@ def test_loss_ramps_and_crf_loss_formula():
     torch.testing.assert_close(t0["loss"], 0.4 * t0["mil"] + 0.025 * t0["crf"])
 
 
+def test_clustering_score_known_answers():
+    """Eq. 6 by hand: FG tokens (1,0), (0,1) around the unit centre (1,1)/√2 lie 2 − √2 away (squared);
+    BG tokens (3,3), (−1,−1) have centre (1,1): 0 and 4. Mean over the 4 tokens."""
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [-1.0, -1.0]]).T.reshape(1, 2, 2, 2)
+    fg = torch.tensor([[[True, True], [False, False]]])
+    s, n = mal.clustering_score(f, fg)
+    assert n == 4 and s == pytest.approx((2 * (2 - math.sqrt(2)) + 0 + 4) / 4)
+    # Two perfectly separated clusters score 0, at any scale; a crop with no BG token is left out.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    fg = torch.rand(2, 5, 5, generator=g) > 0.5
+    fg[1] = True
+    f = torch.where(fg[:, None], a.view(1, 8, 1, 1), b.view(1, 8, 1, 1)) * torch.rand(2, 1, 5, 5, generator=g).add(1)
+    s, n = mal.clustering_score(f, fg)
+    assert n == 25 and s == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(mal.clustering_score(f[1:], fg[1:])[0])
+
+
+def test_gt_mask_loss_is_dice_plus_bce():
+    logits = torch.randn(3, 6, 6)
+    gt = (torch.rand(3, 24, 24) > 0.5).float()
+    loss, terms = mal.gt_mask_loss(logits, gt, loss_size=12)
+    up = mal.upsample_logits(logits, 12)
+    g = F.avg_pool2d(gt[:, None], 2)[:, 0]
+    torch.testing.assert_close(terms["dice"], mal.dice(up.sigmoid(), g).mean())
+    torch.testing.assert_close(terms["bce"], F.binary_cross_entropy_with_logits(up, g))
+    torch.testing.assert_close(loss, terms["dice"] + terms["bce"])
+
+
 # ==============================================================================================
 # crf_ext/: the fused kernel against the reference and a float64 implementation; the op contract
 
@@ -791,6 +820,32 @@ def test_box_mask_lines_up_with_crop_eval_and_train(rect_set):
     assert flips == {True, False}
 
 
+def test_gt_mask_crops_follow_the_image_crops(tmp_path):
+    """gt_masks=True: the GT mask goes through the same expansion, crop, resize and flip as the image,
+    so a white-on-black image's crop is its mask's crop."""
+    m = np.zeros((60, 80), np.uint8)
+    m[10:45, 20:70] = 1
+    m[20:35, 35:55] = 0  # a hole
+    Image.fromarray(m * 255).convert("RGB").save(tmp_path / "a.png")
+    rle = mask_utils.encode(np.asfortranarray(m))
+    ann = dict(_ann(1, 1, [20, 10, 50, 35]), segmentation=dict(size=[60, 80], counts=rle["counts"].decode()))
+    js = _write_coco(tmp_path / "a.json", [dict(id=1, file_name="a.png", width=80, height=60)], [ann])
+    ds = data.BoxDataset(js, str(tmp_path), size=40, train=True, seed=1, color_aug=False, gt_masks=True)
+    flips = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        flips.add(s["flipped"])
+        assert torch.allclose(s["gt_mask"], s["teacher_image"][0].float() / 255, atol=1 / 255)
+        assert 0.2 < s["gt_mask"].mean() < 0.8
+    assert flips == {True, False}
+    batch = data.collate_boxes([ds[0], ds[0]])
+    assert batch["gt_mask"].shape == (2, 40, 40)
+    with pytest.raises(ValueError, match="annotation 2: --gt-masks needs a segmentation"):
+        data.BoxDataset(_write_coco(tmp_path / "b.json", [dict(id=1, file_name="a.png", width=80, height=60)],
+                                    [_ann(2, 1, [1, 1, 9, 9])]), str(tmp_path), gt_masks=True)
+
+
 def test_teacher_image_never_jittered(rect_set):
     js, root, _, _ = rect_set
     tr = data.BoxDataset(js, root, size=48, train=True, seed=0)
@@ -1016,6 +1071,34 @@ def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
                              "--val-images", str(tmp_path)))
 
 
+def test_train_gt_masks_upper_bound_learns(tiny_set, tmp_path):
+    train.main(tiny_argv(tiny_set, tmp_path, "--gt-masks", "--epochs", "30", "--lr-per-image", "2e-4",
+                         "--drop-path", "0"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert {"dice", "bce"} <= set(log[0]) and "mil" not in log[0]
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
+    """--demo with --train-json: the demo's model and schedule on that data, not the demo set."""
+    monkeypatch.setattr(train, "DEMO_ROOT", str(tmp_path / "never"))
+    args = train.get_args(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
+                           "--out", str(tmp_path / "run"), "--epochs", "3"])
+    assert args.demo and not args.demo_data and args.val_json is None and args.out == str(tmp_path / "run")
+    assert (args.arch, args.depth, args.img_size, args.loss_size, args.epochs) == ("vit_tiny", 3, 96, 48, 3)
+    assert train.get_args(["--train-json", "x.json", "--images", "."]).out == "runs/mal"
+    assert train.get_args([]).demo_data and train.get_args([]).val_json == train.DEMO_DATA["val_json"]
+    train.main(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
+                "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--workers", "0",
+                "--min-area", "16", "--crf-iters", "2"])
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["model_args"]["img_size"] == 96 and ck["label_defaults"] == dict(
+        train.DEMO_LABEL, crf_iters=2, crf_size=48, crf_zeta=0.5, crf_omega=2.0)
+    assert not os.path.exists(tmp_path / "never")
+
+
 def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(HERE, "train.py"), *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")]
@@ -1126,13 +1209,13 @@ def test_pretrain_pos_embed_is_mae_2d_sincos():
         return out[None].float()
 
     for dim, grid in ((8, 3), (192, 4), (32, 4)):
-        torch.testing.assert_close(pretrain.sincos_pos_embed(dim, grid), closed_form(dim, grid))
+        torch.testing.assert_close(mal.sincos_pos_embed(dim, grid), closed_form(dim, grid))
     net = pretrain.MaskedAutoencoder(**TINY_MAE)
-    assert torch.equal(net.pos_embed, pretrain.sincos_pos_embed(192, 4)) and not net.pos_embed.requires_grad
-    assert torch.equal(net.decoder_pos_embed, pretrain.sincos_pos_embed(32, 4))
+    assert torch.equal(net.pos_embed, mal.sincos_pos_embed(192, 4)) and not net.pos_embed.requires_grad
+    assert torch.equal(net.decoder_pos_embed, mal.sincos_pos_embed(32, 4))
     assert not net.decoder_pos_embed.requires_grad
     with pytest.raises(ValueError, match="divisible by 4"):
-        pretrain.sincos_pos_embed(18, 2)
+        mal.sincos_pos_embed(18, 2)
 
 
 def test_pretrain_steps_lower_the_loss_and_write_mae_layout(tiny_set, tmp_path):
@@ -1149,8 +1232,8 @@ def test_pretrain_steps_lower_the_loss_and_write_mae_layout(tiny_set, tmp_path):
     decoder |= {f"decoder_blocks.0.{k}" for k in mal.Block(32, 4).state_dict()}
     assert set(ckpt["model"]) == set(encoder) | decoder
     assert ckpt["model"]["decoder_pred.weight"].shape == (8 * 8 * 3, 32)
-    assert torch.equal(ckpt["model"]["pos_embed"], pretrain.sincos_pos_embed(192, 4))  # kept fixed
-    assert torch.equal(ckpt["model"]["decoder_pos_embed"], pretrain.sincos_pos_embed(32, 4))
+    assert torch.equal(ckpt["model"]["pos_embed"], mal.sincos_pos_embed(192, 4))  # kept fixed
+    assert torch.equal(ckpt["model"]["decoder_pos_embed"], mal.sincos_pos_embed(32, 4))
     pngs = sorted(os.listdir(tmp_path / "vis"))
     assert pngs == ["000.png", "001.png", "002.png"]
     assert Image.open(tmp_path / "vis" / pngs[0]).size == (3 * 32 + 2 * 2, 32)
@@ -1500,6 +1583,26 @@ def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_pa
     reasons = {u["id"]: u["reason"] for u in rep["unlabeled"]}
     assert "missing.png" in reasons[100] and "not found" in reasons[100]
     assert rep["summary"]["labeled"] == 2 and set(reasons) == {100, 102}
+
+
+def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_path, capsys):
+    ck = torch.load(world / "tiny.pt", weights_only=True)
+    recipe = dict(net="teacher", thr=0.3, expand=0.1, flip=True, crf_refine=True, crf_iters=3, crf_size=16,
+                  crf_zeta=0.4, crf_omega=1.5)
+    torch.save(dict(ck, label_defaults=recipe), tmp_path / "r.pt")
+    argv = lambda out, *x: [*_argv(world, out, "--keep-parts"), "--ckpt", str(tmp_path / "r.pt"), *x]  # noqa: E731
+    label.main(argv(tmp_path / "a.json"))
+    cfg = json.loads((tmp_path / "a.json.parts" / "fingerprint.json").read_text())
+    assert {k: cfg[k] for k in recipe} == recipe
+    assert "from the checkpoint's recipe\n" in capsys.readouterr().err
+    label.main(argv(tmp_path / "b.json", "--thr", "0.6", "--no-crf-refine"))
+    cfg = json.loads((tmp_path / "b.json.parts" / "fingerprint.json").read_text())
+    assert (cfg["thr"], cfg["crf_refine"], cfg["crf_iters"], cfg["net"], cfg["flip"]) == (0.6, False, 0, "teacher", True)
+    assert "except --thr, --crf-refine" in capsys.readouterr().err
+    label.main(_argv(world, tmp_path / "c.json", "--keep-parts"))  # no recipe in the file: TEST_TIME
+    cfg = json.loads((tmp_path / "c.json.parts" / "fingerprint.json").read_text())
+    assert {k: cfg[k] for k in ("net", "thr", "expand", "flip", "crf_refine")} == {
+        k: label.TEST_TIME[k] for k in ("net", "thr", "expand", "flip", "crf_refine")}
 
 
 def test_unlabeled_boxes_can_get_their_filled_box():

@@ -23,24 +23,36 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import mal
 
-# The embedded demo: a 3-block vit_tiny/8 at 96 px with a 64-channel decoder on the synthetic set,
-# sized for a 2-core CPU (the decoder's 256 channels at 2× the token grid would cost most of the time).
+# The embedded demo: the synthetic set (DEMO_DATA) and the demo's recipe (DEMO), a 3-block vit_tiny/8
+# at 96 px with a 64-channel decoder sized for a 2-core CPU (the decoder's 256 channels at 2× the token
+# grid would cost most of the time). `--demo` applies the recipe to any data given with --train-json.
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_ROOT = os.path.join(HERE, "demo", "data")  # data.make_demo writes the set here once (cached)
-DEMO = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
-            images=os.path.join(DEMO_ROOT, "train"),
-            val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
-            val_images=os.path.join(DEMO_ROOT, "val"), arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
-            batch_size=16,
+DEMO_DATA = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
+                 images=os.path.join(DEMO_ROOT, "train"),
+                 val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
+                 val_images=os.path.join(DEMO_ROOT, "val"), out=os.path.join(HERE, "demo", "run"))
+DEMO = dict(arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64, batch_size=16,
             epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=50, crf_ramp=100, loss_size=48,
-            crf_iters=100, min_area=64.0, drop_path=0.0, out=os.path.join(HERE, "demo", "run"), workers=1,
-            val_max_images=60)
+            crf_iters=100, min_area=64.0, drop_path=0.0, workers=1, val_max_images=60)
+# Test-time settings a checkpoint recommends to label.py (its own flags override them): the paper's
+# recipe labels with the task network at 0.5, and the demo's were chosen on the demo's validation set.
+LABEL = dict(net="task", thr=0.5, expand=0.2, flip=False, crf_refine=False)
+DEMO_LABEL = dict(net="task", thr=0.7, expand=0.2, flip=False, crf_refine=True)
+
+
+def label_defaults(args):
+    """label.py's test-time settings for this run: the recipe's, with the CRF of the training loss."""
+    return dict(DEMO_LABEL if args.demo else LABEL, crf_iters=args.crf_iters, crf_size=args.loss_size,
+                crf_zeta=args.zeta, crf_omega=args.omega)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set.")
     a = p.add_argument
-    a("--demo", action="store_true", help="train on the embedded demo set (the default with no arguments)")
+    a("--demo", action="store_true",
+      help="the demo's recipe (model, schedule, losses; explicit flags override it), on the embedded demo "
+           "set unless --train-json is given (the default with no arguments)")
     a("--train-json", help="COCO-format instances JSON; only boxes are read (no segmentation needed)")
     a("--images", help="folder of the training images (file_name in the JSON is relative to it)")
     a("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
@@ -78,7 +90,8 @@ def get_args(argv=None):
     a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
     a("--group-by-image", action="store_true",
       help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
-    a("--out", default="runs/mal", help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl)")
+    a("--out", default=None, help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl); default runs/mal, "
+                                  "demo/run for the embedded demo")
     a("--resume", nargs="?", const="last", default=None,
       help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
@@ -92,6 +105,12 @@ def get_args(argv=None):
         p.set_defaults(**DEMO)
     args = p.parse_args(argv)
     args.demo = args.demo or not argv
+    args.demo_data = args.demo and not args.train_json
+    if args.demo_data:
+        for k, v in DEMO_DATA.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    args.out = args.out or "runs/mal"
     if not args.train_json or not args.images:
         p.error("--train-json and --images are required (or run with no arguments for the demo)")
     if bool(args.val_json) != bool(args.val_images):
@@ -142,7 +161,7 @@ def main(argv=None):
     ddp, rank, world, device = init_distributed(args.device)
     master = rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
-    if args.demo and master:
+    if args.demo_data and master:
         data.make_demo(DEMO_ROOT)
     if ddp:
         dist.barrier()
@@ -236,7 +255,7 @@ def main(argv=None):
             with data.atomic_file(path) as f:
                 torch.save({"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
                             "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "world": world, "rng": rng,
-                            "args": vars(args)}, f)
+                            "args": vars(args), "label_defaults": label_defaults(args)}, f)
 
     log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {world}× {device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
@@ -316,12 +335,12 @@ def main(argv=None):
             epoch += 1
             checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
             if master and args.val_json:
-                validate(args, net, device, epoch, step)
+                validate(args, net, teacher, device, epoch, step)
     checkpoint(os.path.join(args.out, "last.pt"))
     if master:
         log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
         if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
-            validate(args, net, device, epoch, step)
+            validate(args, net, teacher, device, epoch, step)
     if ddp:  # the teacher must be the same on every rank (§3.2): check it, bit for bit
         fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
         fps = [torch.empty_like(fp) for _ in range(world)]
@@ -332,11 +351,16 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def validate(args, net, device, epoch, step):
-    """Pseudo-label mIoU of the task network (label.py's default) on a fixed subset of the validation
-    set, through label.py's inference path."""
+def validate(args, net, teacher, device, epoch, step):
+    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path
+    with the test-time settings this run's checkpoints recommend (label_defaults)."""
     import label
-    res = label.validate(net, args.val_json, args.val_images, device, max_images=args.val_max_images)
+    t = label_defaults(args)
+    nets = {"task": [net], "teacher": [teacher], "avg": [net, teacher]}[t["net"]]
+    res = label.validate(nets, args.val_json, args.val_images, device, max_images=args.val_max_images,
+                         expand=t["expand"], thr=t["thr"], flip=t["flip"], crf_size=t["crf_size"],
+                         crf_iters=t["crf_iters"] if t["crf_refine"] else 0, crf_zeta=t["crf_zeta"],
+                         crf_omega=t["crf_omega"])
     print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr, flush=True)
     with open(os.path.join(args.out, "val.jsonl"), "a") as f:
         f.write(json.dumps(dict(epoch=epoch, step=step, **res)) + "\n")
