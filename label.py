@@ -543,6 +543,8 @@ def clustering(net, gt, image_dir, device, batch_size=64):
     is GT mask. Returns (score, tokens scored)."""
     net = getattr(net, "module", net)
     enc = net.encoder
+    gt = gt if isinstance(gt, dict) else _read_json(gt, "GT json")
+    gt = dict(gt, annotations=[a for a in gt["annotations"] if "segmentation" in a])
     ds = data.BoxDataset(gt, image_dir, size=input_size([net]), train=False, gt_masks=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=data.collate_boxes)
     total, n = 0.0, 0
@@ -900,8 +902,12 @@ def run(args, rank, world, device, t0):
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
         else:
             r = evaluate(inp["gt"], out, match_ids=inp["kind"] == "instances")
+            net = load_nets(args.ckpt, "task", device)[0][0]
+            r["clustering_score"], r["clustering_tokens"] = clustering(net, inp["gt"], args.images, device)
             write_json(_side(args.out, ".eval.json"), r)
             print(format_eval(r))
+            print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
+                  f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens (lower: FG and BG apart)")
     if args.vis:
         vis_dir = args.vis_dir or _side(args.out, ".vis")
         n = len(write_overlays(out, args.images, vis_dir, args.vis))

@@ -413,11 +413,30 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
         return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
 
 
-def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0):
-    """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l)."""
+def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0, size=None):
+    """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l).
+
+    unary_weight τ scales the unary of Eq. 3 (E = τ·μ + ψ; τ = 1 is the paper's CRF) and size is the
+    resolution the mean field runs at (default: the loss's; its labels are resized back). With τ = 1
+    the mean field is a local majority vote that moves the mask's edges to nearby colour edges but
+    keeps a region the network fills with confidence, such as the concavity of a crescent. With a
+    weak unary (τ ~ 1e-4) and ω near the critical 1/(4k̄) (0.25 for 8 neighbours of affinity ~1) it
+    becomes a slow diffusion: the crop outside the box, held at background, floods every region
+    connected to it through similar colours, and regions closed off by colour edges follow the
+    network. That takes ~L² iterations to reach L pixels deep, hence the lower resolution."""
     with torch.no_grad():
         avg = (prob.detach() + teacher_prob) / 2
-        labels = (refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega) > 0.5).float()
+        S = avg.shape[-1]
+        if size and size != S:
+            image, box_mask = crop_to_loss_size(image, box_mask, size)
+            avg = F.interpolate(avg[:, None], size=(size, size), mode="area")[:, 0]
+        if unary_weight != 1.0:
+            avg = avg.clamp(1e-6, 1 - 1e-6)
+            avg = torch.sigmoid(unary_weight * (torch.log(avg) - torch.log1p(-avg)))
+        q = refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega)
+        if q.shape[-1] != S:
+            q = F.interpolate(q[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+        labels = (q > 0.5).float()
     return dice(prob, labels).mean()
 
 
@@ -441,15 +460,18 @@ def crop_to_loss_size(image, box_mask, size):
 
 
 def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, alpha_crf=0.5,
-             mil_ramp=1000, crf_ramp=4000, loss_size=128, crf_iters=100, zeta=0.5, omega=2.0):
+             mil_ramp=1000, crf_ramp=4000, loss_size=128, crf_iters=100, zeta=0.5, omega=2.0,
+             crf_unary=1.0, crf_size=None):
     """Eq. 1: L = α_mil·L_mil + α_crf·L_crf, each weight ramped in. logits / teacher_logits
     [B, h, w] from the task network and the teacher; image [B,3,S,S] the un-jittered crop (what the
-    teacher sees, the CRF's colours); box_mask [B,S,S]. Returns (loss, dict of detached terms)."""
+    teacher sees, the CRF's colours); box_mask [B,S,S]. crf_unary, crf_size: crf_loss's
+    unary_weight and size. Returns (loss, dict of detached terms)."""
     image, box_mask = crop_to_loss_size(image, box_mask, loss_size)
     prob = upsample_logits(logits, loss_size).sigmoid()
     teacher_prob = upsample_logits(teacher_logits, loss_size).sigmoid()
     l_mil = mil_loss(prob, box_mask)
-    l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega)
+    l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega,
+                     unary_weight=crf_unary, size=crf_size)
     w_mil, w_crf = alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
     loss = w_mil * l_mil + w_crf * l_crf
     return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}

@@ -81,29 +81,33 @@ def unpatchify(patches, p, h, w):
     return patches.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, h * p, w * p)
 
 
-def patch_targets(images, p):
-    """The reconstruction targets: each patch normalised by its own pixels' mean and variance (MAE's
-    normalised pixels). Returns (target, mean, var), all [B, N, ·], in float32."""
+def patch_targets(images, p, norm_pix=True):
+    """The reconstruction targets: each patch's pixels normalised by that patch's own mean and variance
+    (MAE's normalised pixels), or the pixels as they are (norm_pix=False: the target then keeps each
+    patch's colour). Returns (target, mean, std), all [B, N, ·], in float32."""
     patches = patchify(images.float(), p)
+    if not norm_pix:
+        return patches, torch.zeros_like(patches[..., :1]), torch.ones_like(patches[..., :1])
     mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + 1e-6).sqrt(), mean, var
+    std = (var + 1e-6).sqrt()
+    return (patches - mean) / std, mean, std
 
 
-def reconstruction_loss(pred, images, mask, p):
+def reconstruction_loss(pred, images, mask, p, norm_pix=True):
     """Mean squared error per patch, averaged over the masked patches only. pred [B, N, p·p·3] the
     decoder's output, images [B, 3, H, W] the (normalised) views, mask [B, N] True where masked."""
-    target, _, _ = patch_targets(images, p)
+    target, _, _ = patch_targets(images, p, norm_pix)
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum()  # no boolean indexing: no host sync on the GPU
 
 
-def reconstruct_pixels(pred, images, p):
-    """The decoder's output as images [B, 3, H, W]: each patch un-normalised with the mean and
-    variance of the view's own patch there (MAE's visualisation)."""
-    _, mean, var = patch_targets(images, p)
+def reconstruct_pixels(pred, images, p, norm_pix=True):
+    """The decoder's output as images [B, 3, H, W]: with normalised targets, each patch un-normalised
+    with the mean and variance of the view's own patch there (MAE's visualisation)."""
+    _, mean, std = patch_targets(images, p, norm_pix)
     h, w = images.shape[-2] // p, images.shape[-1] // p
-    return unpatchify(pred.float() * (var + 1e-6).sqrt() + mean, p, h, w)
+    return unpatchify(pred.float() * std + mean, p, h, w)
 
 
 class MaskedAutoencoder(mal.VisionTransformer):
@@ -280,7 +284,7 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, autocast):
+def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, autocast, norm_pix=True):
     """PNGs of the first n readable views of epoch 0: original | masked (grey) | reconstruction. The
     reconstruction is the decoder's raw output on every patch, visible ones included (as in MAE's
     figures), each patch un-normalised with the original patch's mean and variance."""
@@ -306,7 +310,7 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
     original = to_uint8(images).cpu()
     masked = patchify(original, p).clone()
     masked[mask] = 128
-    panels = [original, unpatchify(masked, p, h, w), to_uint8(reconstruct_pixels(pred, images, p)).cpu()]
+    panels = [original, unpatchify(masked, p, h, w), to_uint8(reconstruct_pixels(pred, images, p, norm_pix)).cpu()]
     os.makedirs(out_dir, exist_ok=True)
     gap = torch.full((3, original.shape[-2], 2), 255, dtype=torch.uint8)
     written = []
@@ -355,6 +359,9 @@ A killed run continues with the same command plus --resume.""")
     a("--patch-size", type=int, default=16, help="ViT patch size")
     a("--img-size", type=int, default=224, help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
     a("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked (MAE: 0.75)")
+    a("--norm-pix", action=argparse.BooleanOptionalAction, default=True,
+      help="targets: each patch's pixels normalised by its own mean and variance (MAE's default), or "
+           "--no-norm-pix for the pixels themselves (colour included)")
     a("--decoder-dim", type=int, default=512, help="width of MAE's decoder (MAE: 512)")
     a("--decoder-depth", type=int, default=8, help="blocks of MAE's decoder (MAE: 8)")
     a("--decoder-heads", type=int, default=16, help="attention heads of MAE's decoder (MAE: 16)")
@@ -469,7 +476,7 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path}: not a pretrain.py checkpoint ({type(e).__name__}: {e})")
         # The data position, the masks and the schedule follow from these: a resume must keep them.
         now = dict(vars(args), world=world, model_args=model_args)
-        for key in ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio"):
+        for key in ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio", "norm_pix"):
             if saved.get(key) != now[key]:
                 raise SystemExit(f"{ckpt_path}: {key} was {saved.get(key)} and is now {now[key]}; "
                                  f"resume with the same value")
@@ -530,7 +537,8 @@ def main(argv=None):
                 sync = micro == args.accum - 1 or not ddp
                 with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
                     pred = model(images, ids_keep.to(device, non_blocking=True))
-                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True), args.patch_size)
+                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True), args.patch_size,
+                                               args.norm_pix)
                     (loss * weight).backward()
                 term = torch.stack([loss.detach(), torch.ones_like(loss)]) * (weight > 0)
                 sums = term if sums is None else sums + term
@@ -565,7 +573,7 @@ def main(argv=None):
         + (f"; {unreadable} unreadable views skipped on {world} ranks" if unreadable else ""))
     if master and args.vis:
         written = write_reconstructions(net, dataset, args.vis, os.path.join(args.out, "vis"), device,
-                                        args.mask_ratio, args.seed, autocast)
+                                        args.mask_ratio, args.seed, autocast, args.norm_pix)
         log(f"{len(written)} reconstructions in {os.path.join(args.out, 'vis')}")
     if ddp:
         dist.destroy_process_group()

@@ -325,6 +325,42 @@ def test_loss_ramps_and_crf_loss_formula():
     torch.testing.assert_close(t0["loss"], 0.4 * t0["mil"] + 0.025 * t0["crf"])
 
 
+def _c_shape_case(S=32):
+    """A C-shaped object (colour 2) open to the right on a uniform background (0); the network's mask is
+    its filled box. Returns image, prob, box, C mask, pocket mask (the background the C encloses)."""
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    r = ((yy - 16) ** 2 + (xx - 16) ** 2).float().sqrt()
+    c = (r < 11) & (r > 6) & ~((xx > 16) & ((yy - 16).abs() < 5))
+    image = torch.zeros(1, 3, S, S)
+    image[:, :, c] = 2.0
+    ys, xs = torch.nonzero(c, as_tuple=True)
+    box = torch.zeros(1, S, S)
+    box[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1] = 1
+    prob = torch.where(box > 0, 0.95, 0.05)
+    opening = (xx > 16) & ((yy - 16).abs() < 5) & (r < 11)
+    return image, prob, box, c, ((r <= 6) | opening) & (box[0] > 0)
+
+
+def test_crf_loss_weak_unary_floods_the_box_outside_into_concavities():
+    """τ = 1 (the paper's CRF) keeps the confidently filled concavity of a C; a weak unary with ω near
+    critical carves it (the outside of the box floods the background it touches) and keeps the C."""
+    image, prob, box, c, pocket = _c_shape_case()
+    paper = mal.refine(image, prob, box, iters=100, zeta=0.5, omega=2.0)[0] > 0.5
+    assert paper[pocket].all() and paper[c].all()
+    flood_kw = dict(iters=1000, zeta=0.3, omega=0.25, unary_weight=1e-4)
+    weak = torch.sigmoid(1e-4 * torch.logit(prob.double())).float()
+    flood = mal.refine(image, weak, box, iters=1000, zeta=0.3, omega=0.25)[0] > 0.5
+    assert not flood[pocket].any() and flood[c].all()
+    # crf_loss: dice against those labels; at size 16 they are computed at 16 px and resized back.
+    torch.testing.assert_close(mal.crf_loss(prob, prob, image, box, **flood_kw), mal.dice(prob, flood[None].float()).mean())
+    small_img, small_box = mal.crop_to_loss_size(image, box, 16)
+    small_p = torch.sigmoid(1e-4 * torch.logit(F.interpolate(prob[:, None], size=16, mode="area")[:, 0].double())).float()
+    q = mal.refine(small_img, small_p, small_box, iters=1000, zeta=0.3, omega=0.25)
+    labels = (F.interpolate(q[:, None], size=32, mode="bilinear", align_corners=False)[:, 0] > 0.5).float()
+    torch.testing.assert_close(mal.crf_loss(prob, prob, image, box, size=16, **flood_kw), mal.dice(prob, labels).mean())
+    assert mal.crf_loss(prob, prob, image, box, size=16, **flood_kw) > 0.2 > mal.crf_loss(prob, prob, image, box)
+
+
 def test_clustering_score_known_answers():
     """Eq. 6 by hand: FG tokens (1,0), (0,1) around the unit centre (1,1)/√2 lie 2 − √2 away (squared);
     BG tokens (3,3), (−1,−1) have centre (1,1): 0 and 4. Mean over the 4 tokens."""
@@ -1194,6 +1230,11 @@ def test_pretrain_loss_only_on_masked_patches():
     # A perfect prediction of the normalised pixels un-normalises to the view itself (for --vis).
     target, _, _ = pretrain.patch_targets(x, 8)
     torch.testing.assert_close(pretrain.reconstruct_pixels(target, x, 8), x)
+    # --no-norm-pix: the targets are the pixels themselves.
+    raw = [((pred[b, n] - patch(x, b, n).permute(1, 2, 0).flatten()) ** 2).mean() for b, n in torch.nonzero(mask).tolist()]
+    torch.testing.assert_close(pretrain.reconstruction_loss(pred, x, mask, 8, norm_pix=False), torch.stack(raw).mean())
+    target, _, _ = pretrain.patch_targets(x, 8, norm_pix=False)
+    torch.testing.assert_close(pretrain.reconstruct_pixels(target, x, 8, norm_pix=False), x)
 
 
 def test_pretrain_pos_embed_is_mae_2d_sincos():

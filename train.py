@@ -38,13 +38,17 @@ DEMO = dict(arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
 # Test-time settings a checkpoint recommends to label.py (its own flags override them): the paper's
 # recipe labels with the task network at 0.5, and the demo's were chosen on the demo's validation set.
 LABEL = dict(net="task", thr=0.5, expand=0.2, flip=False, crf_refine=False)
-DEMO_LABEL = dict(net="task", thr=0.7, expand=0.2, flip=False, crf_refine=True)
+DEMO_LABEL = dict(net="task", thr=0.5, expand=0.2, flip=False, crf_refine=True)
 
 
 def label_defaults(args):
-    """label.py's test-time settings for this run: the recipe's, with the CRF of the training loss."""
-    return dict(DEMO_LABEL if args.demo else LABEL, crf_iters=args.crf_iters, crf_size=args.loss_size,
-                crf_zeta=args.zeta, crf_omega=args.omega)
+    """label.py's test-time settings for this run: the recipe's, refining (when it does) with the
+    training loss's CRF at the loss size, or with the paper's CRF when the loss's has a weak unary
+    (a flood of the box's outside, for pseudo-labels, not for snapping a good mask to its edges)."""
+    paper_crf = args.crf_unary != 1.0
+    return dict(DEMO_LABEL if args.demo else LABEL, crf_iters=100 if paper_crf else args.crf_iters,
+                crf_size=args.loss_size, crf_zeta=0.5 if paper_crf else args.zeta,
+                crf_omega=2.0 if paper_crf else args.omega)
 
 
 def get_args(argv=None):
@@ -83,11 +87,17 @@ def get_args(argv=None):
     a("--crf-iters", type=int, default=100, help="mean-field iterations")
     a("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
     a("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
+    a("--crf-unary", type=float, default=1.0,
+      help="weight τ of the CRF's unary (E = τ·μ + ψ, Eq. 3; 1: the paper). A weak unary with ω ~ 0.25 "
+           "and many iterations floods the box's outside into colour-connected regions (mal.crf_loss)")
+    a("--crf-size", type=int, default=None, help="resolution the CRF loss's mean field runs at (default: --loss-size)")
     a("--gt-masks", action="store_true",
       help="the fully supervised upper bound, not MAL: train the same network on the JSON's GT masks "
            "(dice + BCE) instead of the box losses, to measure MAL's retention")
     a("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
     a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
+    a("--color-aug", action=argparse.BooleanOptionalAction, default=True,
+      help="colour jitter, greyscale and blur on the task network's input (§4.2)")
     a("--group-by-image", action="store_true",
       help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
     a("--out", default=None, help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl); default runs/mal, "
@@ -176,7 +186,8 @@ def main(argv=None):
     # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
     try:
         dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
-                                  min_area=args.min_area, theta=args.theta, seed=args.seed, gt_masks=args.gt_masks)
+                                  min_area=args.min_area, theta=args.theta, seed=args.seed, gt_masks=args.gt_masks,
+                                  color_aug=args.color_aug)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{args.train_json}: cannot read the training boxes ({type(e).__name__}: {e})")
     log(f"train: {dataset.describe()}")
@@ -243,7 +254,8 @@ def main(argv=None):
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp, crf_ramp=args.crf_ramp,
-                   loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega)
+                   loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega,
+                   crf_unary=args.crf_unary, crf_size=args.crf_size)
 
     def checkpoint(path):
         """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
