@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -93,9 +92,9 @@ def load_rgb(path):
         raise ImageError(f"{path}: file not found") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not a readable image (corrupt or unknown format)") from None
-    except Exception as e:  # truncated data, decoder errors, unsupported modes, bombs, ...
+    except Exception as e:  # truncated data, decoder errors, unsupported modes, bombs: Pillow's words after ours
         msg = " ".join(str(e).split())
-        raise ImageError(f"{path}: {type(e).__name__}: {msg}" if msg else f"{path}: {type(e).__name__}") from None
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}{': ' + msg if msg else ''})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,8 +294,9 @@ class BoxDataset(torch.utils.data.Dataset):
     workers keep the dataset copy they were created with). Eval mode (train=False):
     mal.expand_box_fixed(box, t), no flip, no augmentation; image IS teacher_image (same tensor).
 
-    Unreadable images are only discovered in __getitem__, which never raises for them: it warns
-    once per file (per worker process), records it in `self.bad_images` {path: reason} and
+    Unreadable images are only discovered in __getitem__, which never raises for them: it prints
+    "data.py: skipping unusable image <path>: <reason>" to stderr once per file (per worker process;
+    report=False leaves that to the caller), records it in `self.bad_images` {path: reason} and
     `self.n_invalid`, and returns a sample with valid=False (zero tensors of the same shapes).
     These counters live in each worker; collate_boxes drops invalid samples and reports their
     number as batch['n_invalid'], which is what the training loop should sum.
@@ -306,12 +306,14 @@ class BoxDataset(torch.utils.data.Dataset):
 
     gt_masks=True (train.py --gt-masks, the fully supervised upper bound) adds gt_mask (float [S,S]
     in [0, 1]): the annotation's segmentation cropped, resized and flipped exactly like the image.
+
+    `self.areas` holds each kept box's annotation `area` (NaN where it has none), for COCO's size classes.
     """
 
     SKIP_REASONS = ("missing_image_entry", "iscrowd", "degenerate", "outside_image", "small_area")
 
     def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
-                 t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False):
+                 t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False, report=True):
         if isinstance(ann_json, dict):
             coco = ann_json
         else:
@@ -320,7 +322,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
         self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
         self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
-        self.gt_masks, self.epoch = bool(gt_masks), 0
+        self.gt_masks, self.report, self.epoch = bool(gt_masks), bool(report), 0
 
         # Per-image arrays (numpy, not lists of dicts: forked workers do not copy them on access).
         images = coco.get("images", [])
@@ -331,7 +333,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.heights = np.array([im.get("height", -1) for im in images], dtype=np.int64)
 
         self.skipped = {r: 0 for r in self.SKIP_REASONS}
-        boxes, ann_ids, img_rows, self.segmentations = [], [], [], []
+        boxes, ann_ids, img_rows, areas, self.segmentations = [], [], [], [], []
         for a in coco.get("annotations", []):
             k = row.get(a.get("image_id"))
             if k is None:
@@ -357,13 +359,17 @@ class BoxDataset(torch.utils.data.Dataset):
                     raise ValueError(f"annotation {a.get('id')}: --gt-masks needs a segmentation and the "
                                      f"image's width and height")
                 self.segmentations.append(segmentation_rle(a["segmentation"], H, W))
+            try:
+                areas.append(float(a["area"]))
+            except (KeyError, TypeError, ValueError):
+                areas.append(float("nan"))
             boxes.append((x, y, x + w, y + h))
             ann_ids.append(a["id"])
             img_rows.append(k)
         self.boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
         self.ann_ids = np.array(ann_ids, dtype=np.int64)
         self.img_rows = np.array(img_rows, dtype=np.int64)
-        self.n_images_used = len(np.unique(self.img_rows))
+        self.areas = np.array(areas, dtype=np.float64)
 
         self._cache = OrderedDict()  # path -> decoded RGB image (per process)
         self.bad_images = {}  # path -> reason (per process)
@@ -375,11 +381,16 @@ class BoxDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
-    def describe(self):
-        skipped = ", ".join(f"{r}={n}" for r, n in self.skipped.items() if n)
-        return (f"{len(self)} boxes on {self.n_images_used} of {len(self.image_ids)} images"
-                f" (min_area={self.min_area:g}); skipped {sum(self.skipped.values())}"
-                + (f": {skipped}" if skipped else ""))
+    def describe(self, usable=None):
+        """One line: the boxes kept, on how many images, and those skipped by reason. usable (bool per
+        kept box): False for the boxes of images found unusable, which are then skipped as unusable_image."""
+        skipped, rows = dict(self.skipped), self.img_rows
+        if usable is not None:
+            skipped["unusable_image"], rows = int((~usable).sum()), rows[usable]
+        reasons = ", ".join(f"{r}={n}" for r, n in skipped.items() if n)
+        return (f"{len(rows)} boxes on {len(np.unique(rows))} of {len(self.image_ids)} images"
+                f" (min_area={self.min_area:g}); skipped {sum(skipped.values())}"
+                + (f": {reasons}" if reasons else ""))
 
     def grouped_order(self, epoch=None, shuffle=True):
         """All indices, boxes of one image consecutive, images (and boxes within) in a random order
@@ -407,7 +418,8 @@ class BoxDataset(torch.utils.data.Dataset):
                 raise ImageError(f"{path}: decoded size {img.size[0]}x{img.size[1]} != annotation {W}x{H}")
         except ImageError as e:
             self.bad_images[path] = str(e)
-            warnings.warn(f"BoxDataset: unusable image, its boxes are returned invalid: {e}", stacklevel=2)
+            if self.report:  # one plain line, not a Python warning with its source line
+                print(f"data.py: skipping unusable image {e}", file=sys.stderr, flush=True)
             return None, str(e)
         if self.cache_size > 0:
             self._cache[path] = img
@@ -794,9 +806,13 @@ def _cached_set(root, params, build):
             return {k: os.path.join(root, v) for k, v in m["paths"].items()}
     except (OSError, ValueError, KeyError):
         pass
+    what = f"the {params['kind'].replace('_', '-')} set in {root}"
+    print(f"data.py: making {what} (once: it is reused while complete)", file=sys.stderr, flush=True)
+    t0 = time.time()
     os.makedirs(root, exist_ok=True)
     paths, files = build(root)
     _atomic_write(manifest, json.dumps(dict(params=params, paths=paths, files=files), indent=1).encode())
+    print(f"data.py: made {what} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
     return {k: os.path.join(root, v) for k, v in paths.items()}
 
 
@@ -838,18 +854,20 @@ def make_coco_like(root, n_images, size=(640, 480), boxes_per_image=7, seed=0):
 
 def _stats(args):
     ds = BoxDataset(args.json, args.images, train=False, min_area=args.min_area)
-    print(ds.describe())
-    wh = ds.boxes[:, 2:] - ds.boxes[:, :2]
-    area = wh.prod(1)
-    print(f"kept boxes by COCO area: small(<32²)={int((area < 32 ** 2).sum())} "
-          f"medium={int(((area >= 32 ** 2) & (area < 96 ** 2)).sum())} large(>=96²)={int((area >= 96 ** 2).sum())}")
-    if args.check_images:
+    usable = np.ones(len(ds), dtype=bool)
+    if args.check_images:  # decode first, so that the counts below are those of the usable images
         rows = np.unique(ds.img_rows)
-        bad = 0
-        for k in rows:
-            _, err = ds._image(int(k))
-            bad += err is not None
-        print(f"images checked: {len(rows)}, unusable: {bad}" + "".join(f"\n  {r}" for r in ds.bad_images.values()))
+        bad = [k for k in rows if ds._image(int(k))[1] is not None]
+        usable = ~np.isin(ds.img_rows, bad)
+        print(f"images checked: {len(rows)}, unusable: {len(bad)}")
+    print(ds.describe(usable))
+    # COCO's size classes (and label.py --eval's) go by the annotation's area, the mask's where it has one.
+    area, no_area = ds.areas[usable], np.isnan(ds.areas[usable])
+    area[no_area] = (ds.boxes[usable, 2:] - ds.boxes[usable, :2]).prod(1)[no_area]
+    print(f"boxes by COCO size class (annotation area): "
+          f"small(<32²)={int((area < 32 ** 2).sum())} medium={int(((area >= 32 ** 2) & (area < 96 ** 2)).sum())} "
+          f"large(>=96²)={int((area >= 96 ** 2).sum())}"
+          + (f"; {int(no_area.sum())} without an area, classed by their box w×h" if no_area.any() else ""))
 
 
 def main(argv=None):
@@ -871,12 +889,9 @@ def main(argv=None):
     s.add_argument("--min-area", type=float, default=0.0, help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
     s.add_argument("--check-images", action="store_true", help="also decode every used image and report failures")
     args = p.parse_args(argv)
-    if args.cmd == "demo":
-        t0 = time.time()
-        out = make_demo(args.out, args.n_train, args.n_val, tuple(args.size), args.seed)
-        for k, v in out.items():
+    if args.cmd == "demo":  # make_demo says when it builds, and how long that took
+        for k, v in make_demo(args.out, args.n_train, args.n_val, tuple(args.size), args.seed).items():
             print(f"{k}: {v}")
-        print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
     elif args.cmd == "coco-like":
         for k, v in make_coco_like(args.out, args.n, seed=args.seed).items():
             print(f"{k}: {v}")

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -243,7 +242,7 @@ class BoxViews(torch.utils.data.Dataset):
 
     def __init__(self, ann_json, image_dir, size, min_area, seed=0):
         self.boxes = data.BoxDataset(ann_json, image_dir, size=size, train=True, color_aug=False,
-                                     min_area=min_area, seed=seed)
+                                     min_area=min_area, seed=seed, report=False)  # the loop reports once per file
 
     def __len__(self):
         return len(self.boxes)
@@ -255,9 +254,7 @@ class BoxViews(torch.utils.data.Dataset):
         return self.boxes.describe()
 
     def __getitem__(self, i):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # BoxDataset's per-worker warning: the loop reports once per file
-            s = self.boxes[i]
+        s = self.boxes[i]
         if s["valid"]:
             return dict(image=s["image"], error=None)
         ds = self.boxes

@@ -25,6 +25,10 @@ import train
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# pycocotools' mask.decode trips NumPy 2's copy-keyword deprecation on every call: that one warning, its own, is
+# ignored (every other warning still shows).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:pycocotools")
 
 # ==============================================================================================
 # mal.py: encoder, decoder, teacher, box expansion, losses, reference CRF
@@ -797,11 +801,14 @@ def test_load_rgb_errors_name_the_file(tmp_path):
     raw = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "garbage.jpg").write_bytes(b"not an image at all" * 10)
-    for name in ("missing.jpg", "trunc.jpg", "garbage.jpg"):
+    (tmp_path / "notes.bmp").write_bytes(b"BM" + b"x" * 100)  # a header Pillow knows, then nothing it can read
+    for name, says in (("missing.jpg", "file not found"), ("trunc.jpg", "not a readable image (OSError: "),
+                       ("garbage.jpg", "not a readable image"),
+                       ("notes.bmp", "not a readable image (OSError: Truncated File Read)")):  # Pillow's words kept
         with pytest.raises(data.ImageError) as e:
             data.load_rgb(tmp_path / name)
         msg = str(e.value)
-        assert msg.startswith(str(tmp_path / name) + ": ") and "\n" not in msg
+        assert msg.startswith(str(tmp_path / name) + ": " + says) and "\n" not in msg, msg
 
 
 def test_roi_crop_mapping_identity_and_tiny_box():
@@ -912,7 +919,7 @@ def test_dataset_skips_and_counts(tmp_path):
     assert data.BoxDataset(js, tmp_path, min_area=0).skipped["small_area"] == 0
 
 
-def test_missing_and_corrupt_images_are_invalid_not_raised(tmp_path):
+def test_missing_and_corrupt_images_are_invalid_not_raised(tmp_path, capsys):
     Image.new("RGB", (64, 48), (9, 9, 9)).save(tmp_path / "ok.jpg")
     raw = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(raw[: len(raw) // 2])
@@ -922,10 +929,12 @@ def test_missing_and_corrupt_images_are_invalid_not_raised(tmp_path):
     images = [dict(id=k + 1, file_name=n, width=64, height=48) for k, n in enumerate(names)]
     anns = [_ann(10 * (k + 1) + j, k + 1, [5, 5, 20, 20]) for k in range(5) for j in range(2)]
     ds = data.BoxDataset(_write_coco(tmp_path / "a.json", images, anns), tmp_path, size=16)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plain line per file on stderr, no Python warning
         samples = [ds[i] for i in range(len(ds))] + [ds[2]]
-    assert len(w) == 4 and all(any(n in str(x.message) for x in w) for n in names[1:])
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(lines) == sorted(f"data.py: skipping unusable image {r}" for r in ds.bad_images.values())
+    assert len(lines) == 4 and all(any(os.path.join(str(tmp_path), n) + ": " in x for x in lines) for n in names[1:])
     assert [s["valid"] for s in samples[:10]] == [True, True] + [False] * 8
     assert all(s["image"].shape == (3, 16, 16) and s["box_mask"].shape == (16, 16) for s in samples)
     assert ds.n_invalid == 9 and len(ds.bad_images) == 4
@@ -934,6 +943,35 @@ def test_missing_and_corrupt_images_are_invalid_not_raised(tmp_path):
     assert batch["ann_id"].tolist() == [10, 11]
     empty = data.collate_boxes(samples[2:4])
     assert empty["image"].shape == (0, 3, 16, 16) and empty["n_invalid"] == 2
+
+
+def test_stats_size_classes_by_annotation_area_and_usable_counts(tmp_path, capsys):
+    """data.py stats: COCO's size classes by the annotation's area (box w×h only where it has none), and
+    with --check-images one plain line per unusable image and a headline that counts only usable ones."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (200, 150)).save(tmp_path / name)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    images = [dict(id=k + 1, file_name=n, width=200, height=150) for k, n in enumerate(("a.png", "b.png", "bad.png"))]
+    anns = [dict(_ann(1, 1, [0, 0, 40, 40]), area=900),  # box medium, mask small
+            dict(_ann(2, 1, [0, 0, 120, 100]), area=5000),  # box large, mask medium
+            _ann(3, 2, [0, 0, 100, 100]), _ann(4, 3, [0, 0, 10, 10]), _ann(5, 3, [0, 0, 0, 10])]
+    del anns[2]["area"], anns[3]["area"]
+    js = _write_coco(tmp_path / "a.json", images, anns)
+    data.main(["stats", "--json", js, "--images", str(tmp_path)])
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        "4 boxes on 3 of 3 images (min_area=0); skipped 1: degenerate=1",
+        "boxes by COCO size class (annotation area): small(<32²)=2 medium=1 large(>=96²)=1; "
+        "2 without an area, classed by their box w×h"] and out.err == ""
+    data.main(["stats", "--json", js, "--images", str(tmp_path), "--check-images"])
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        "images checked: 3, unusable: 1",
+        "3 boxes on 2 of 3 images (min_area=0); skipped 2: degenerate=1, unusable_image=1",
+        "boxes by COCO size class (annotation area): small(<32²)=1 medium=1 large(>=96²)=1; "
+        "1 without an area, classed by their box w×h"]
+    assert out.err == f"data.py: skipping unusable image {tmp_path / 'bad.png'}: not a readable image " \
+                      f"(OSError: Truncated File Read)\n"
 
 
 def test_training_samples_independent_of_workers(tmp_path):
@@ -960,10 +998,13 @@ def test_training_samples_independent_of_workers(tmp_path):
     assert not torch.equal(run(0)[0]["crop_box"], a[0]["crop_box"])
 
 
-def test_demo_deterministic_cached_and_content(tmp_path):
+def test_demo_deterministic_cached_and_content(tmp_path, capsys):
     from pycocotools import mask as mask_utils
 
     p1 = data.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1)
+    made = capsys.readouterr().err.splitlines()  # a line when it starts and one when done, with the time
+    assert len(made) == 2 and made[0].startswith(f"data.py: making the demo set in {tmp_path / 'd1'}")
+    assert made[1].startswith(f"data.py: made the demo set in {tmp_path / 'd1'} (") and made[1].endswith(" s)")
     p2 = data.make_demo(tmp_path / "d2", n_train=14, n_val=2, seed=1)
     for key in ("train_json", "val_json"):
         assert open(p1[key], "rb").read() == open(p2[key], "rb").read()
@@ -971,8 +1012,9 @@ def test_demo_deterministic_cached_and_content(tmp_path):
         assert open(os.path.join(p1["train_images"], name), "rb").read() == \
             open(os.path.join(p2["train_images"], name), "rb").read()
     mtime = os.path.getmtime(p1["train_json"])
-    assert data.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1) == p1  # cached
-    assert os.path.getmtime(p1["train_json"]) == mtime
+    capsys.readouterr()
+    assert data.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1) == p1  # cached: silent
+    assert os.path.getmtime(p1["train_json"]) == mtime and capsys.readouterr().err == ""
 
     coco = json.load(open(p1["train_json"]))
     sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
@@ -1349,10 +1391,12 @@ def test_pretrain_skips_and_counts_unreadable_images(tmp_path, capsys):
     # Box views of a missing image: the error names the file, no warning of its own.
     js = _write_coco(tmp_path / "boxes.json", [dict(id=1, file_name="gone.jpg", width=50, height=40)],
                      [_ann(1, 1, [5, 5, 30, 20])])
+    capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample = pretrain.BoxViews(js, imgs, 32, 0.0)[0]
     assert "gone.jpg" in sample["error"] and sample["image"].shape == (3, 32, 32)
+    assert capsys.readouterr().err == ""
 
 
 def test_pretrain_bad_flags_are_one_line_errors(tiny_set, tmp_path, capsys):

@@ -274,7 +274,7 @@ def main(argv=None):
         f"global batch {global_batch}, peak lr {peak_lr:.3g}")
     logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     t_log, t0, step0 = time.time(), time.time(), step
-    sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py warns per file)
+    sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py names each file once)
     while step < stop_step:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(epoch)  # the augmentations' seeds (and the grouped sampler's order)
