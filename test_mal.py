@@ -672,6 +672,28 @@ def test_second_load_uses_the_build_cache():
     code = "import crf_ext; r = crf_ext.load(cuda=False); print(r['cpu'], crf_ext.status()['cpu']['cached'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE)
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+    assert "crf_ext:" not in out.stderr  # a cached load says nothing
+
+
+def test_a_real_build_says_when_it_starts_and_ends(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("MAL_CRF_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_ext, "load", lambda **kw: None)  # stands in for the 10-30 s compile
+    capsys.readouterr()  # torch's own notes on importing cpp_extension
+    assert crf_ext._build("cpu")["loaded"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"crf_ext: building the cpu mean-field kernel in {tmp_path}")
+    assert err[1].startswith("crf_ext: built the cpu kernel in ") and err[1].endswith(" s")
+
+    def fail(**kw):
+        raise RuntimeError("the compiler said no")
+
+    monkeypatch.setattr(cpp_ext, "load", fail)
+    st = crf_ext._build("cpu")
+    assert not st["loaded"] and "the compiler said no" in st["error"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith("crf_ext: the cpu kernel build failed after ")
 
 
 @pytest.mark.skipif(crf_ext.cuda_buildable() is not None, reason="no nvcc or CPU-only torch")

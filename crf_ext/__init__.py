@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -223,6 +224,7 @@ def _short(msg: str, n: int = 1500) -> str:
 def _build(flavour: str, force: bool = False) -> dict:
     st = {"loaded": False, "error": None, "build_s": None, "cached": False,
           "path": None}
+    t0 = None  # set when a real compile starts (a cached load is silent)
     try:
         if flavour == "cuda":
             why = cuda_buildable()
@@ -245,6 +247,9 @@ def _build(flavour: str, force: bool = False) -> dict:
         bdir.mkdir(parents=True, exist_ok=True)
         if stamp.exists():
             stamp.unlink()
+        # A first build takes 10-30 s (CPU) or minutes (CUDA): say so, or it looks like a hang.
+        print(f"crf_ext: building the {flavour} mean-field kernel in {bdir} (once; later runs load it)",
+              file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         with _quiet_cpp_extension(spec.get("cuda_home"), spec.get("archs")) as cpp_ext:
             kw = dict(name=spec["name"],
@@ -265,8 +270,12 @@ def _build(flavour: str, force: bool = False) -> dict:
         st["build_s"] = time.perf_counter() - t0
         stamp.write_text(f"built in {st['build_s']:.1f}s\n")
         st["loaded"] = True
+        print(f"crf_ext: built the {flavour} kernel in {st['build_s']:.1f} s", file=sys.stderr, flush=True)
     except Exception as e:  # never raise from loading
         st["error"] = f"{flavour} build/load failed: {type(e).__name__}: {_short(str(e))}"
+        if t0 is not None:
+            print(f"crf_ext: the {flavour} kernel build failed after {time.perf_counter() - t0:.1f} s "
+                  f"(crf_ext.status() has the error)", file=sys.stderr, flush=True)
     return st
 
 
