@@ -852,6 +852,16 @@ def make_coco_like(root, n_images, size=(640, 480), boxes_per_image=7, seed=0):
 # Command line.
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default (the CLIs of data.py, train.py, label.py and pretrain.py), except
+    where there is none to show: None (unset, or said in the help) and off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _stats(args):
     ds = BoxDataset(args.json, args.images, train=False, min_area=args.min_area)
     usable = np.ones(len(ds), dtype=bool)
@@ -873,17 +883,19 @@ def _stats(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description="MAL data utilities: demo set generation and dataset stats.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="generate (or reuse) the synthetic demo set")
+    d = sub.add_parser("demo", help="generate (or reuse) the synthetic demo set", formatter_class=HelpFormatter)
     d.add_argument("--out", required=True, help="output folder (reused when already complete)")
     d.add_argument("--n-train", type=int, default=240, help="number of training images")
     d.add_argument("--n-val", type=int, default=60, help="number of validation images")
     d.add_argument("--seed", type=int, default=0, help="generator seed")
     d.add_argument("--size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"), help="image size")
-    c = sub.add_parser("coco-like", help="generate (or reuse) 640x480 images with ~7 boxes for benchmarks")
+    c = sub.add_parser("coco-like", help="generate (or reuse) 640x480 images with ~7 boxes for benchmarks",
+                       formatter_class=HelpFormatter)
     c.add_argument("--out", required=True, help="output folder (reused when already complete)")
     c.add_argument("--n", type=int, default=100, help="number of images")
     c.add_argument("--seed", type=int, default=0, help="generator seed")
-    s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON")
+    s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON",
+                       formatter_class=HelpFormatter)
     s.add_argument("--json", required=True, help="COCO-format instances JSON")
     s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
     s.add_argument("--min-area", type=float, default=0.0, help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")

@@ -284,16 +284,18 @@ def _paste_batch(prob, event, metas, thr):
 
 
 class Progress:
-    """Prints 'images i/I boxes b/B r boxes/s ETA' to stderr every `every` seconds."""
+    """Prints 'images i/I boxes b/B (l labeled) r boxes/s ETA' to stderr every `every` seconds. B: the
+    labelable boxes (those that passed the box checks), b: those done, labeled or not (their image failed)."""
 
     def __init__(self, n_images, n_boxes, prefix="label", every=5.0, quiet=False):
         self.N, self.B, self.prefix, self.every, self.quiet = n_images, n_boxes, prefix, every, quiet
-        self.i = self.b = 0
+        self.i = self.b = self.labeled = 0
         self.t0 = self.last = time.time()
 
-    def update(self, images=0, boxes=0, force=False):
+    def update(self, images=0, labeled=0, unlabeled=0, force=False):
         self.i += images
-        self.b += boxes
+        self.labeled += labeled
+        self.b += labeled + unlabeled
         now = time.time()
         if self.quiet or not (force or now - self.last >= self.every):
             return
@@ -301,7 +303,7 @@ class Progress:
         rate = self.b / max(now - self.t0, 1e-9)
         eta = (self.B - self.b) / rate if rate > 0 else float("nan")
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
-        print(f"{self.prefix}: images {self.i}/{self.N} boxes {self.b}/{self.B} "
+        print(f"{self.prefix}: images {self.i}/{self.N} boxes {self.b}/{self.B} ({self.labeled} labeled) "
               f"{rate:.1f} boxes/s ETA {eta_s}", file=sys.stderr, flush=True)
 
 
@@ -348,7 +350,7 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
             host, event = prob, None
         cur["futs"].append(pool.submit(_paste_batch, host, event, [it[2] for it in items], thr))
         if progress:
-            progress.update(boxes=len(items))
+            progress.update(labeled=len(items))
 
     def close_group():
         while buf:
@@ -379,9 +381,9 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
                 raise RuntimeError(f"label.py: data order mismatch at image {im['id']}")
             ids = [int(a) for a in item["ann_ids"]]
             bad = {int(a): why for a, why in item.get("bad") or []}
-            for a in todo.get(im["id"], []):  # every box without a crop gets its reason, never silence
-                if a["id"] not in ids:
-                    cur["res"][a["id"]] = {"reason": bad.get(a["id"]) or item.get("error") or "no crop produced"}
+            failed = [a["id"] for a in todo.get(im["id"], []) if a["id"] not in ids]
+            for aid in failed:  # every box without a crop gets its reason, never silence
+                cur["res"][aid] = {"reason": bad.get(aid) or item.get("error") or "no crop produced"}
             if ids:  # only a decoded image has crops; a failed one may have no size at all (JSON w/h optional)
                 H, W = int(item["height"]), int(item["width"])  # the decoded size (== the JSON's, else error)
             for j, aid in enumerate(ids):
@@ -391,7 +393,7 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
                 run_batch(buf[:batch_size])
                 del buf[:batch_size]
             if progress:
-                progress.update(images=1)
+                progress.update(images=1, unlabeled=len(failed))
             yield from ready(False)
         close_group()
         yield from ready(True)
@@ -409,10 +411,11 @@ def label_dataset(nets, images, todo, image_dir, device, **kw):
 
 def apply_labels(out, anns, results, unlabeled_as="none"):
     """The output dict: `out` with `anns` in order, each with its mask, or (if unlabeled) its box and no
-    segmentation and area = box area; unlabeled_as="box" gives those the filled box as their mask
-    instead (for trainers that need a mask on every box, e.g. detectron2's mapper), where the image
-    entry has a size. Results: {ann_id: {'segmentation', 'area'} or {'reason'}}."""
-    sizes = {im.get("id"): (im.get("height"), im.get("width")) for im in out.get("images", [])}
+    segmentation and area = box area; unlabeled_as="box" gives those a mask instead (for trainers that
+    need one on every box, e.g. detectron2's mapper): the filled box, or an empty mask of the image's
+    size where the box covers none of its pixels; only where the image entry has no size can no mask
+    be drawn. Results: {ann_id: {'segmentation', 'area'} or {'reason'}}."""
+    images = {im.get("id"): im for im in out.get("images", [])}
     res_anns = []
     for a in anns:
         a = dict(a)
@@ -426,9 +429,11 @@ def apply_labels(out, anns, results, unlabeled_as="none"):
                 a["area"] = max(0.0, float(b[2])) * max(0.0, float(b[3]))
             except (TypeError, ValueError, IndexError):
                 a["area"] = 0.0
-            h, w = sizes.get(a.get("image_id"), (None, None))
-            if unlabeled_as == "box" and a["area"] > 0 and h and w:
-                m = box_mask(xywh_to_xyxy(b), int(h), int(w))
+            im = images.get(a.get("image_id")) or {}
+            h, w = im.get("height"), im.get("width")
+            if unlabeled_as == "box" and h and w:
+                m = box_mask(xywh_to_xyxy(b), int(h), int(w)) if box_problem(a, im) is None else \
+                    np.zeros((int(h), int(w)), dtype=bool)  # zero-width, non-finite or outside: empty
                 a["segmentation"], a["area"] = encode(m), float(m.sum())
         res_anns.append(a)
     return {**out, "annotations": res_anns}
@@ -693,7 +698,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(
         description="Label every box of a COCO JSON with a MAL mask. No arguments: the demo "
                     "(label demo/data's val set with demo/run/last.pt, training it first if absent; "
-                    "--vis 8 --eval; output demo/labels.json).")
+                    "--vis 8 --eval; output demo/labels.json).", formatter_class=data.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="train.py checkpoint (e.g. RUN/last.pt)")
     p.add_argument("--json", required=True, help="COCO instances JSON (GT boxes) or COCO results list")
     p.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
@@ -703,16 +708,23 @@ def get_args(argv=None):
     p.add_argument("--score-thr", type=float, help="keep results with score >= this (others are dropped and counted)")
     # Test-time settings: a flag given here wins, then the checkpoint's recipe (`label_defaults`, written
     # by train.py), then TEST_TIME. --crf-iters / --crf-size default to the training loss's values.
-    p.add_argument("--net", choices=["task", "teacher", "avg"],
-                   help="which weights label: the task net, the EMA teacher, or the mean of both")
-    p.add_argument("--expand", type=float, help="test-time box expansion t (each side ×(1+t))")
-    p.add_argument("--thr", type=float, help="mask = probability > thr")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="average with the horizontally flipped crop")
-    p.add_argument("--crf-refine", action=argparse.BooleanOptionalAction, help="mean-field CRF refinement of each mask")
-    p.add_argument("--crf-iters", type=int, help="mean-field iterations")
-    p.add_argument("--crf-size", type=int, help="resolution the CRF runs at")
-    p.add_argument("--crf-zeta", type=float, help="CRF colour bandwidth ζ (Eq. 4)")
-    p.add_argument("--crf-omega", type=float, help="CRF pairwise weight ω (Eq. 4)")
+    # Their default is None on purpose (unset: from the checkpoint); the help says what that means.
+    recipe = lambda v: f" (default: the checkpoint's recipe, else {v})"  # noqa: E731
+    p.add_argument("--net", choices=["task", "teacher", "avg"], help="which weights label: the task net, the EMA "
+                   "teacher, or the mean of both" + recipe(TEST_TIME["net"]))
+    p.add_argument("--expand", type=float,
+                   help="test-time box expansion t (each side ×(1+t))" + recipe(TEST_TIME["expand"]))
+    p.add_argument("--thr", type=float, help="mask = probability > thr" + recipe(TEST_TIME["thr"]))
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="average with the horizontally flipped crop" + recipe("off"))
+    p.add_argument("--crf-refine", action=argparse.BooleanOptionalAction,
+                   help="mean-field CRF refinement of each mask" + recipe("off"))
+    p.add_argument("--crf-iters", type=int,
+                   help="mean-field iterations" + recipe(f"its training loss's, else {TEST_TIME['crf_iters']}"))
+    p.add_argument("--crf-size", type=int,
+                   help="resolution the CRF runs at" + recipe(f"its training loss size, else {TEST_TIME['crf_size']}"))
+    p.add_argument("--crf-zeta", type=float, help="CRF colour bandwidth ζ (Eq. 4)" + recipe(TEST_TIME["crf_zeta"]))
+    p.add_argument("--crf-omega", type=float, help="CRF pairwise weight ω (Eq. 4)" + recipe(TEST_TIME["crf_omega"]))
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward (across images)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode + crop)")
     p.add_argument("--threads", type=int, default=4, help="threads that paste and RLE-encode masks")
@@ -721,8 +733,11 @@ def get_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="discard OUT.parts/ and start over")
     p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the merge")
     p.add_argument("--unlabeled-as", choices=["none", "box"], default="none",
-                   help="mask of a box that could not be labeled: none (no segmentation key) or its filled box "
-                        "(for trainers that need a mask on every box); the report lists them either way")
+                   help="mask of a box that could not be labeled: none (no segmentation key) or its filled box, "
+                        "empty where the box covers no pixel (for trainers that need a mask on every box); "
+                        "the report lists them either way, and says which mask each got")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when any box is unlabeled (for pipelines; OUT is written all the same)")
     p.add_argument("--eval", action="store_true", help="evaluate against GT masks: mIoU, mask AP, vs box")
     p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
     p.add_argument("--vis-dir", help="overlay folder (default OUT without .json + '.vis')")
@@ -809,13 +824,16 @@ def main(argv=None):
     t0 = time.time()
     rank, world, device = dist_setup(args)
     try:
-        run(args, rank, world, device, t0)
+        n_unlabeled = run(args, rank, world, device, t0)
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if args.strict and n_unlabeled:
+        sys.exit(3)
 
 
 def run(args, rank, world, device, t0):
+    """Label, merge on rank 0, write OUT and its report; returns the number of unlabeled boxes (0 off rank 0)."""
     inp = load_boxes(args.json, args.images_json, args.score_thr)
     images, todo = inp["images"], inp["todo"]
     ids = sorted(todo)
@@ -865,7 +883,7 @@ def run(args, rank, world, device, t0):
         prog.update(force=True)
     barrier(world)
     if rank != 0:
-        return
+        return 0
 
     # Merge (rank 0): every chunk must be there; every kept annotation ends up in the output.
     results = {}
@@ -881,22 +899,28 @@ def run(args, rank, world, device, t0):
     if missing:
         raise SystemExit(f"label.py: internal error: annotations {missing[:10]} got no result")
     out = apply_labels(inp["out"], inp["anns"], results, args.unlabeled_as)
-    unlabeled = [{"id": a["id"], "image_id": a["image_id"], "reason": results[a["id"]]["reason"]}
-                 for a in inp["anns"] if "reason" in results[a["id"]]]
-    empty = [a["id"] for a in out["annotations"] if a.get("area") == 0 and "segmentation" in a]
-    n_lab = len(inp["anns"]) - len(unlabeled)
-    summary = {"input": args.json, "boxes": len(inp["anns"]), "labeled": n_lab, "unlabeled": len(unlabeled),
-               "empty_masks": len(empty), "filtered_by_score": inp["n_filtered"]}
+    unlabeled, given = [], collections.Counter()
+    for a in out["annotations"]:
+        if "reason" in results[a["id"]]:
+            u = {"id": a["id"], "image_id": a["image_id"], "reason": results[a["id"]]["reason"]}
+            if args.unlabeled_as == "box":  # the mask it got instead of MAL's
+                u["mask"] = ("none: image size unknown" if "segmentation" not in a
+                             else "filled box" if a["area"] else "empty")
+                given[u["mask"]] += 1
+            unlabeled.append(u)
+    empty = [a["id"] for a in out["annotations"]
+             if a.get("area") == 0 and "segmentation" in a and "reason" not in results[a["id"]]]
+    n_boxes, n_labelable = len(inp["anns"]), len(inp["anns"]) - len(inp["problems"])
+    n_lab = n_boxes - len(unlabeled)
+    summary = {"input": args.json, "boxes": n_boxes, "labelable": n_labelable, "labeled": n_lab,
+               "unlabeled": len(unlabeled), "empty_masks": len(empty), "filtered_by_score": inp["n_filtered"]}
+    if given:
+        summary["unlabeled_masks"] = dict(given)
     write_json(args.out, out)
     report_path = _side(args.out, ".report.json")
     write_json(report_path, {"summary": summary, "unlabeled": unlabeled, "empty_masks": empty})
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
-    dt = time.time() - t0
-    print(f"label.py: wrote {args.out}: {n_lab}/{len(inp['anns'])} boxes labeled, {len(unlabeled)} unlabeled"
-          f"{' (reasons in ' + report_path + ')' if unlabeled else ''}, {len(empty)} empty masks"
-          + (f", {inp['n_filtered']} below --score-thr dropped" if inp["n_filtered"] else "")
-          + f", {dt:.1f}s", file=sys.stderr)
     if args.eval:
         if inp["gt"] is None:
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
@@ -907,11 +931,22 @@ def run(args, rank, world, device, t0):
             write_json(_side(args.out, ".eval.json"), r)
             print(format_eval(r))
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
-                  f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens (lower: FG and BG apart)")
+                  f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens (lower: FG and BG apart)",
+                  flush=True)  # before the summary line, which ends the output
     if args.vis:
         vis_dir = args.vis_dir or _side(args.out, ".vis")
         n = len(write_overlays(out, args.images, vis_dir, args.vis))
         print(f"label.py: {n} overlays in {vis_dir}", file=sys.stderr)
+    # Last, so that the unlabeled count ends the output. Labelable: the boxes that passed the box checks
+    # (the progress lines' total); those of them whose image then failed are unlabeled too.
+    print(f"label.py: wrote {args.out}: {n_boxes} boxes ({n_labelable} labelable): {n_lab} labeled "
+          f"({len(empty)} empty masks), {len(unlabeled)} unlabeled"
+          + (f" (masks: {', '.join(f'{c} {k}' for k, c in given.items())})" if given else "")
+          + (f", reasons in {report_path}" if unlabeled else "")
+          + (f"; {inp['n_filtered']} below --score-thr dropped" if inp["n_filtered"] else "")
+          + f"; {time.time() - t0:.1f}s" + ("; --strict: exit status 3" if args.strict and unlabeled else ""),
+          file=sys.stderr, flush=True)
+    return len(unlabeled)
 
 
 def _side(out, suffix):

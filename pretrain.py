@@ -324,10 +324,14 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
 # The command line and the loop
 
 
+class HelpFormatter(data.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default, and the epilog's tables as written."""
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(
         description="MAE pretraining of MAL's ViT encoder; train.py --init OUT/last.pt starts MAL from it.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="""\
 views:
   --images DIR alone       every image under DIR (recursively; jpg, jpeg, png, bmp, tif, tiff, webp in

@@ -1199,6 +1199,19 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "never")
 
 
+def test_help_gives_the_defaults(capsys):
+    """--help shows each flag's default; label.py's test-time flags say where theirs come from, not None."""
+    for mod, expect in ((train, ["--epochs EPOCHS epochs; the learning-rate schedule spans all of them (default: 10)"]),
+                        (label, ["--thr THR mask = probability > thr (default: the checkpoint's recipe, else 0.5)",
+                                 "--batch-size BATCH_SIZE crops per forward (across images) (default: 32)"]),
+                        (pretrain, ["(MAE: 0.75) (default: 0.75)"])):
+        with pytest.raises(SystemExit):
+            mod.get_args(["--help"])
+        out = capsys.readouterr().out
+        assert all(e in " ".join(out.split()) for e in expect) and "None" not in out, mod.__name__
+    assert "views:\n  --images DIR alone " in out  # pretrain.py's epilog keeps its layout
+
+
 def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(HERE, "train.py"), *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")]
@@ -1715,8 +1728,10 @@ def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_pat
 def test_unlabeled_boxes_can_get_their_filled_box():
     out = dict(images=[dict(id=1, width=10, height=8), dict(id=2, file_name="nosize.png")], categories=[])
     anns = [dict(id=1, image_id=1, bbox=[2, 1, 4, 3], segmentation=[[0, 0, 1, 1]]),
-            dict(id=2, image_id=2, bbox=[0, 0, 2, 2])]
-    results = {1: {"reason": "missing image"}, 2: {"reason": "missing image"}}
+            dict(id=2, image_id=2, bbox=[0, 0, 2, 2]), dict(id=3, image_id=1, bbox=[2, 1, 0, 3]),
+            dict(id=4, image_id=1, bbox=[20, 1, 4, 3]), dict(id=5, image_id=1, bbox=[float("inf"), 1, 4, 3])]
+    results = {1: {"reason": "missing image"}, 2: {"reason": "missing image"}, 3: {"reason": "zero width"},
+               4: {"reason": "outside"}, 5: {"reason": "non-finite"}}
     plain = label.apply_labels(out, anns, results)["annotations"]
     assert "segmentation" not in plain[0] and plain[0]["area"] == 12.0  # the GT polygon is never passed on
     boxed = label.apply_labels(out, anns, results, unlabeled_as="box")["annotations"]
@@ -1724,6 +1739,34 @@ def test_unlabeled_boxes_can_get_their_filled_box():
                            "counts": boxed[0]["segmentation"]["counts"].encode()})
     assert m.shape == (8, 10) and m.sum() == 12 and m[1:4, 2:6].all() and boxed[0]["area"] == 12.0
     assert "segmentation" not in boxed[1]  # no image size: no mask can be drawn
+    for a in boxed[2:]:  # a box that covers no pixel: an empty mask of the image's size, still a mask on every box
+        m = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        assert m.shape == (8, 10) and m.sum() == 0 and a["area"] == 0
+
+
+def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_path, capsys):
+    """The progress total is the summary's labelable count; --strict exits 3 when a box is unlabeled; the
+    unlabeled count ends the output; --unlabeled-as box says in the report which mask each unlabeled box got."""
+    out = tmp_path / "s.json"
+    argv = [a for a in _argv(world, out, "--unlabeled-as", "box", "--strict") if a != "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        label.main(argv)
+    assert e.value.code == 3
+    err = capsys.readouterr().err.splitlines()
+    assert [x for x in err if x.startswith("label: ")][-1].startswith("label: images 9/9 boxes 16/16 (14 labeled) ")
+    assert err[-1].startswith(f"label.py: wrote {out}: 18 boxes (16 labelable): 14 labeled (0 empty masks), "
+                              f"4 unlabeled (masks: 2 filled box, 1 empty, 1 none: image size unknown), reasons in ")
+    assert err[-1].endswith("; --strict: exit status 3")
+    rep = json.loads((tmp_path / "s.report.json").read_text())
+    assert {k: rep["summary"][k] for k in ("boxes", "labelable", "labeled", "unlabeled")} == dict(
+        boxes=18, labelable=16, labeled=14, unlabeled=4)
+    masks = {u["id"]: u["mask"] for u in rep["unlabeled"]}
+    assert masks == {100: "filled box", 101: "filled box", 102: "empty", 103: "none: image size unknown"}
+    res = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    assert res[102]["area"] == 0 and res[102]["segmentation"]["size"] == [48, 64] and "segmentation" not in res[103]
+    label.main(argv[:-1])  # the same without --strict: exit status 0
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"label.py: wrote {out}: 18 boxes (16 labelable)") and "exit status" not in last
 
 
 def _rle(m):

@@ -52,7 +52,8 @@ def label_defaults(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set.")
+    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set.",
+                                formatter_class=data.HelpFormatter)
     a = p.add_argument
     a("--demo", action="store_true",
       help="the demo's recipe (model, schedule, losses; explicit flags override it), on the embedded demo "
