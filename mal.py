@@ -445,6 +445,11 @@ def ramp(step, length):
     return 1.0 if length <= 0 else min(1.0, (step + 1) / length)
 
 
+def loss_weights(step, *, alpha_mil=4.0, alpha_crf=0.5, mil_ramp=1000, crf_ramp=4000):
+    """Eq. 1's weights at `step`, each ramped in: (w_mil, w_crf)."""
+    return alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
+
+
 def upsample_logits(logits, size):
     """Mask logits [B, h, w] to [B, size, size], bilinear, in float32."""
     return F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -472,7 +477,7 @@ def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, al
     l_mil = mil_loss(prob, box_mask)
     l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega,
                      unary_weight=crf_unary, size=crf_size)
-    w_mil, w_crf = alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
+    w_mil, w_crf = loss_weights(step, alpha_mil=alpha_mil, alpha_crf=alpha_crf, mil_ramp=mil_ramp, crf_ramp=crf_ramp)
     loss = w_mil * l_mil + w_crf * l_crf
     return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}
 

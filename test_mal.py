@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 from PIL import Image, ImageFilter
@@ -1139,7 +1140,45 @@ def test_train_steps_lower_the_loss(tiny_set, tmp_path):
     assert last < 0.8 * first, (first, last)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(ckpt) >= {"model_args", "task", "teacher", "optimizer", "step", "epoch", "world", "rng", "args"}
-    assert os.path.exists(tmp_path / "epoch_30.pt")
+    # No validation: no best.pt; epoch_N.pt only with --keep-epochs.
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["last.pt"]
+
+
+def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tiny_set, tmp_path, monkeypatch, capsys):
+    """last.pt, and best.pt at the epoch of the best validation mIoU (remembered across a resume); epoch_N.pt
+    only with --keep-epochs. The rate leaves validation time out. Progress lines and log.jsonl carry the loss
+    weights as they ramp in."""
+    mious, clock, real_time = {1: float("nan"), 2: 0.5, 3: 0.4}, [0.0], time.time
+
+    def validate(args, net, teacher, device, epoch, step):  # takes 1000 s of a fake clock
+        clock[0] += 1000.0
+        return {"miou": mious[epoch]}
+
+    monkeypatch.setattr(train, "validate", validate)
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+    spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], min_area=16)) // 4  # steps/epoch
+    common = ("--epochs", "3", "--val-json", tiny_set["val_json"], "--val-images", tiny_set["val_images"],
+              "--mil-ramp", "4", "--crf-ramp", "8")
+    train.main(tiny_argv(tiny_set, tmp_path, *common, "--max-steps", str(2 * spe)))
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["best.pt", "last.pt"]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert (best["epoch"], best["step"], best["best"]) == (2, 2 * spe, {"epoch": 2, "miou": 0.5})
+    train.main(tiny_argv(tiny_set, tmp_path, *common, "--resume"))  # epoch 3's 0.4 is not better than 0.5
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 2 * spe
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (last["step"], last["best"]) == (3 * spe, {"epoch": 2, "miou": 0.5})
+    err = capsys.readouterr().err
+    assert "weights ramp in over 4 and 8 steps" in err and "best.pt: epoch 2, mIoU 0.500" in err
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log[-1]["step"] == 3 * spe
+    for r in log:
+        assert r["w_mil"] == pytest.approx(4.0 * min(1, r["step"] / 4))
+        assert r["w_crf"] == pytest.approx(0.5 * min(1, r["step"] / 8))
+        assert r["crops_per_s"] > 0.1  # 4 crops in 1000 s if a validation counted
+    assert f"crf {log[-1]['crf']:.4f}, w_mil 4, w_crf 0.5) lr" in err
+    train.main(tiny_argv(tiny_set, tmp_path / "k", "--epochs", "2", "--keep-epochs"))
+    assert sorted(os.listdir(tmp_path / "k")) == ["epoch_1.pt", "epoch_2.pt", "last.pt", "log.jsonl"]
+    assert torch.load(tmp_path / "k" / "epoch_2.pt", weights_only=True)["step"] == 2 * spe
 
 
 @pytest.mark.parametrize("order", [(), ("--group-by-image",)])

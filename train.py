@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # DDP on 8 GPUs
 
 One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
-The run folder holds last.pt (the whole state; --resume continues it exactly), epoch_N.pt,
-log.jsonl (the progress numbers) and val.jsonl (validation mIoU at each epoch end).
+The run folder holds last.pt (the whole state, written at each epoch's end and every --save-every steps;
+--resume continues it exactly), best.pt (the same at the end of the epoch with the best validation mIoU,
+when --val-json is given), epoch_N.pt only with --keep-epochs, log.jsonl (the progress numbers, with
+the loss weights as they ramp in) and val.jsonl (validation mIoU at each epoch end).
 """
 import argparse
 import contextlib
@@ -101,8 +103,9 @@ def get_args(argv=None):
       help="colour jitter, greyscale and blur on the task network's input (§4.2)")
     a("--group-by-image", action="store_true",
       help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
-    a("--out", default=None, help="run folder (last.pt, epoch_N.pt, log.jsonl, val.jsonl); default runs/mal, "
+    a("--out", default=None, help="run folder (last.pt, best.pt, log.jsonl, val.jsonl); default runs/mal, "
                                   "demo/run for the embedded demo")
+    a("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as OUT/epoch_N.pt")
     a("--resume", nargs="?", const="last", default=None,
       help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
@@ -223,6 +226,7 @@ def main(argv=None):
                              {"params": [p for n, p in net.named_parameters() if not decays[n]], "weight_decay": 0.0}],
                             lr=peak_lr, betas=(0.9, 0.9), fused=device.type == "cuda")
     step, epoch = 0, 0
+    best = {"epoch": None, "miou": float("-inf")}  # best.pt's validation (on rank 0)
     ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -240,7 +244,7 @@ def main(argv=None):
                                  f"resume with the same value")
         net.load_state_dict(ckpt["task"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
+        step, epoch, best = ckpt["step"], ckpt["epoch"], ckpt.get("best", best)  # older checkpoints: no best.pt yet
         log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
     teacher = mal.make_teacher(net)
     # Each rank draws its own stochastic-depth masks; the checkpoint holds every rank's RNG state.
@@ -258,21 +262,25 @@ def main(argv=None):
                    loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega,
                    crf_unary=args.crf_unary, crf_size=args.crf_size)
 
-    def checkpoint(path):
-        """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
+    def checkpoint(*paths):
+        """The whole state, written atomically by rank 0 to each path; every rank must call it (RNG gather)."""
         rng = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
         if ddp:
             rng = rng * world
             dist.all_gather_object(rng, rng[0])
         if master:
-            with data.atomic_file(path) as f:
-                torch.save({"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
-                            "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "world": world, "rng": rng,
-                            "args": vars(args), "label_defaults": label_defaults(args)}, f)
+            state = {"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "world": world, "rng": rng,
+                     "args": vars(args), "label_defaults": label_defaults(args), "best": best}
+            for path in paths:
+                with data.atomic_file(path) as f:
+                    torch.save(state, f)
 
     log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {world}× {device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
-        f"global batch {global_batch}, peak lr {peak_lr:.3g}")
+        f"global batch {global_batch}, peak lr {peak_lr:.3g}"
+        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
+                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
     logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     t_log, t0, step0 = time.time(), time.time(), step
     sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py names each file once)
@@ -330,28 +338,45 @@ def main(argv=None):
                 means = {k: v / max(n, 1) for k, v in zip(names, means)}
                 rate = (step - step0) * global_batch / (time.time() - t0)
                 eta = (stop_step - step) * global_batch / max(rate, 1e-9)
-                rec = dict(epoch=epoch, step=step, total=stop_step, **means, lr=lr,
+                # The loss weights of the step just taken: while they ramp in, the total loss can rise.
+                weights = {} if args.gt_masks else dict(zip(("w_mil", "w_crf"), mal.loss_weights(
+                    step - 1, alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
+                    crf_ramp=args.crf_ramp)))
+                rec = dict(epoch=epoch, step=step, total=stop_step, **means, **weights, lr=lr,
                            crops_per_s=rate, eta_s=eta, unreadable=unreadable)
                 parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                log(f"epoch {epoch} step {step}/{stop_step} loss {means['loss']:.4f} ({parts}) "
+                log(f"epoch {epoch} step {step}/{stop_step} loss {means['loss']:.4f} ({parts}"
+                    + "".join(f", {k} {v:.3g}" for k, v in weights.items()) + ") "
                     f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
                     + (f" ({unreadable} unreadable crops skipped on rank 0)" if unreadable else ""))
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 t_log, t0, step0, sums = time.time(), time.time(), step, None
-            if step % args.save_every == 0:
+            if step % args.save_every == 0 and step % steps_per_epoch:  # an epoch's end saves below
+                paused = time.time()
                 checkpoint(os.path.join(args.out, "last.pt"))
+                t0 += time.time() - paused  # the rate and ETA count training time only
             if step >= stop_step:
                 break
         del batches, loader
-        if step == (epoch + 1) * steps_per_epoch:  # a whole epoch done
+        if step == (epoch + 1) * steps_per_epoch:  # a whole epoch done: validate, then save
             epoch += 1
-            checkpoint(os.path.join(args.out, f"epoch_{epoch}.pt"))
+            paused = time.time()
+            paths = [os.path.join(args.out, "last.pt")]
+            if args.keep_epochs:
+                paths.append(os.path.join(args.out, f"epoch_{epoch}.pt"))
             if master and args.val_json:
-                validate(args, net, teacher, device, epoch, step)
-    checkpoint(os.path.join(args.out, "last.pt"))
+                miou = validate(args, net, teacher, device, epoch, step)["miou"]
+                if miou > best["miou"]:  # a NaN mIoU never is
+                    best = {"epoch": epoch, "miou": miou}
+                    paths.append(os.path.join(args.out, "best.pt"))
+            checkpoint(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
+            t0 += time.time() - paused
+    if step % steps_per_epoch:  # else the epoch's end has just saved it
+        checkpoint(os.path.join(args.out, "last.pt"))
     if master:
-        log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}")
+        log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
+            + (f"; best.pt: epoch {best['epoch']}, mIoU {best['miou']:.3f}" if best["epoch"] is not None else ""))
         if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
             validate(args, net, teacher, device, epoch, step)
     if ddp:  # the teacher must be the same on every rank (§3.2): check it, bit for bit
