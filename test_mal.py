@@ -1632,6 +1632,70 @@ def test_oracle_masks_land_where_the_objects_are(tmp_path, flip, crf):
         assert np.abs(np.argwhere(got).mean(0) - np.argwhere(m).mean(0)).max() < 0.5
 
 
+def test_mask_score_of_hand_made_masks():
+    """1 for a sure mask that fills every row and column of its box and nothing outside it; less for one
+    that spills over the box, misses half the object, or hesitates."""
+    box = torch.zeros(1, 20, 20)
+    box[:, 4:16, 4:16] = 1
+    spill = torch.zeros(1, 20, 20)
+    spill[:, 2:18, 2:18] = 1
+    half = box.clone()
+    half[..., 10:] = 0
+    s = label.mask_score(torch.cat([box, spill, half, 0.8 * box]), box.expand(4, -1, -1)).tolist()
+    # Rows and columns are 20 bags each: spill gets 4 of each wrong, half 6 columns, and the unsure
+    # mask's 12 crossing rows and columns score 0.8 each, with a confidence |2·0.8 − 1| = 0.6 in the box.
+    assert s == pytest.approx([1, 1 - 4 / 20, 1 - 6 / 20 / 2, (1 - 0.2 * 12 / 20) * 0.6])
+    assert s[0] > s[2] > s[1] > s[3]
+
+
+class Spill(Oracle):
+    """The object grown by 8 crop pixels each way: the network's mask runs over the box."""
+
+    def forward(self, x):
+        return F.max_pool2d(super().forward(x)[:, None], 9, 1, 4)[:, 0]
+
+
+class Half(Oracle):
+    """The left half of the object only."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        y[..., y.shape[-1] // 2:] = -10
+        return y
+
+
+def test_mask_score_is_deterministic(world):
+    """The same scores on a rerun and with other batch sizes (batches differ across ranks and resumes)."""
+    net = label.load_nets(str(world / "tiny.pt"))[0]
+    src = json.loads((world / "boxes.json").read_text())
+    images = [im for im in src["images"] if im["id"] <= 7]
+    todo = {im["id"]: [a for a in src["annotations"] if a["image_id"] == im["id"] and a["id"] < 100] for im in images}
+    runs = [label.label_dataset(net, images, todo, str(world / "img"), "cpu", batch_size=b, crf_iters=3, crf_size=16)
+            for b in (4, 4, 1, 32)]
+    scores = [{a: r["mask_score"] for a, r in res.items()} for res in runs]
+    assert len(scores[0]) == 14 and all(s == scores[0] for s in scores)
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in scores[0].values())
+
+
+@pytest.mark.parametrize("crf", [0, 5])
+def test_mask_score_ranks_oracle_masks_by_iou(tmp_path, crf):
+    H, W = 80, 96
+    obj = _disc(H, W, 40, 40, 20)
+    pix = np.full((H, W, 3), 128, np.uint8)
+    pix[obj] = (255, 0, 0)
+    Image.fromarray(pix).save(tmp_path / "a.png")
+    images = [dict(id=7, file_name="a.png", width=W, height=H)]
+    todo = {7: [dict(id=1, bbox=_bbox(obj))]}
+    got = {}
+    for net in (Oracle(), Spill(), Half()):
+        r = label.label_dataset(net, images, todo, str(tmp_path), "cpu", crf_iters=crf, crf_size=32)[1]
+        m = mask_utils.decode(label._to_bytes(r["segmentation"])).astype(bool)
+        got[type(net).__name__] = (r["mask_score"], (m & obj).sum() / (m | obj).sum())
+    (s_perfect, iou_perfect), (s_spill, iou_spill), (s_half, iou_half) = got["Oracle"], got["Spill"], got["Half"]
+    assert iou_perfect > 0.95 and 0.7 < iou_spill < 0.85 and 0.4 < iou_half < 0.6  # the cases are what they say
+    assert 1 >= s_perfect > s_spill > s_half >= 0
+
+
 def test_cli_writes_valid_coco_and_reports_every_unlabeled_box(world, tmp_path):
     out = tmp_path / "labels.json"
     label.main(_argv(world, out, "--eval", "--vis", "2"))
@@ -1665,13 +1729,40 @@ def test_cli_writes_valid_coco_and_reports_every_unlabeled_box(world, tmp_path):
     assert not (tmp_path / "labels.json.parts").exists()  # cleaned up after the merge
 
 
+def test_cli_scores_every_mask_and_writes_the_review(world, tmp_path, capsys):
+    out = tmp_path / "labels.json"
+    label.main(_argv(world, out, "--eval", "--review", "3"))
+    res = json.loads(out.read_text())
+    labeled = [a for a in res["annotations"] if "segmentation" in a]
+    assert len(labeled) == 14 and all(0 <= a["mask_score"] <= 1 for a in labeled)
+    assert not any("mask_score" in a for a in res["annotations"] if "segmentation" not in a)
+    review = json.loads((tmp_path / "labels.review.json").read_text())
+    assert sorted(r["id"] for r in review) == sorted(a["id"] for a in labeled)  # complete, once each
+    assert review == sorted(review, key=lambda r: (r["mask_score"], r["id"]))  # lowest first
+    assert {r["id"]: (r["image_id"], r["mask_score"]) for r in review} == {
+        a["id"]: (a["image_id"], a["mask_score"]) for a in labeled}
+    pngs = sorted(os.listdir(tmp_path / "labels.review"))
+    assert pngs == [f"{k + 1}_score{r['mask_score']:.4f}_ann{r['id']}.png" for k, r in enumerate(review[:3])]
+    ev = json.loads((tmp_path / "labels.eval.json").read_text())
+    assert ev["score_n"] == 14 and -1 <= ev["score_spearman"] <= 1
+    assert ev["score_n_bad"] == 0 or 0 <= ev["score_bad_in_low10"] <= ev["score_bad_in_low20"] <= 1
+    assert "mask_score vs IoU over 14 masks: Spearman" in capsys.readouterr().out
+    # A rerun replaces the review overlays instead of mixing two runs' files; other files stay.
+    (tmp_path / "labels.review" / "notes.txt").write_text("checked 1-3")
+    label.main(_argv(world, out, "--review", "2"))
+    assert sorted(os.listdir(tmp_path / "labels.review")) == [*pngs[:2], "notes.txt"]
+
+
 def test_resume_after_kill_is_byte_identical_and_refuses_other_configs(world, tmp_path):
     ref, out = tmp_path / "ref.json", tmp_path / "out.json"
     r = _run(["label.py", *_argv(world, ref)])
     assert r.returncode == 0, r.stderr
     r = _run(["label.py", *_argv(world, out)], env={"MAL_LABEL_STOP_AFTER": "2"})  # dies like kill -9
     assert r.returncode == 75 and not out.exists()
-    assert len([f for f in os.listdir(f"{out}.parts") if f.startswith("chunk")]) == 2
+    chunks = sorted(f for f in os.listdir(f"{out}.parts") if f.startswith("chunk"))
+    assert len(chunks) == 2
+    results = json.loads(open(f"{out}.parts/{chunks[0]}").read())["results"]
+    assert all("mask_score" in r for r in results.values() if "segmentation" in r)  # resumed with its score
     with pytest.raises(SystemExit, match="another configuration.*thr.*--fresh"):
         label.main(_argv(world, out, "--thr", "0.3"))
     label.main(_argv(world, out, "--batch-size", "3"))  # resumes (batching is not part of the config)
@@ -1681,6 +1772,10 @@ def test_resume_after_kill_is_byte_identical_and_refuses_other_configs(world, tm
     # Parts made on another device (cuda bf16 vs cpu float32) are not mixed in either.
     fp = json.loads(open(f"{out}.parts/fingerprint.json").read())
     assert fp["device"] == "cpu"
+    # Nor parts whose masks were scored otherwise, or not at all.
+    open(f"{out}.parts/fingerprint.json", "w").write(json.dumps({k: v for k, v in fp.items() if k != "mask_score"}))
+    with pytest.raises(SystemExit, match="another configuration.*mask_score"):
+        label.main(_argv(world, out))
     open(f"{out}.parts/fingerprint.json", "w").write(json.dumps(dict(fp, device="cuda")))
     with pytest.raises(SystemExit, match="another configuration.*device"):
         label.main(_argv(world, out))
@@ -1766,14 +1861,16 @@ def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_pat
 
 def test_unlabeled_boxes_can_get_their_filled_box():
     out = dict(images=[dict(id=1, width=10, height=8), dict(id=2, file_name="nosize.png")], categories=[])
-    anns = [dict(id=1, image_id=1, bbox=[2, 1, 4, 3], segmentation=[[0, 0, 1, 1]]),
+    anns = [dict(id=1, image_id=1, bbox=[2, 1, 4, 3], segmentation=[[0, 0, 1, 1]], mask_score=0.9),
             dict(id=2, image_id=2, bbox=[0, 0, 2, 2]), dict(id=3, image_id=1, bbox=[2, 1, 0, 3]),
             dict(id=4, image_id=1, bbox=[20, 1, 4, 3]), dict(id=5, image_id=1, bbox=[float("inf"), 1, 4, 3])]
     results = {1: {"reason": "missing image"}, 2: {"reason": "missing image"}, 3: {"reason": "zero width"},
                4: {"reason": "outside"}, 5: {"reason": "non-finite"}}
     plain = label.apply_labels(out, anns, results)["annotations"]
     assert "segmentation" not in plain[0] and plain[0]["area"] == 12.0  # the GT polygon is never passed on
+    assert "mask_score" not in plain[0]  # nor an earlier labeling's score
     boxed = label.apply_labels(out, anns, results, unlabeled_as="box")["annotations"]
+    assert "mask_score" not in boxed[0]  # a filled box is no scored mask
     m = mask_utils.decode({"size": boxed[0]["segmentation"]["size"],
                            "counts": boxed[0]["segmentation"]["counts"].encode()})
     assert m.shape == (8, 10) and m.sum() == 12 and m[1:4, 2:6].all() and boxed[0]["area"] == 12.0
@@ -1833,6 +1930,24 @@ def test_evaluate_matches_hand_computation():
     assert r["ap50"] == pytest.approx(1.0) and r["ap75"] == pytest.approx(0.5) and r["ap"] == pytest.approx(0.55)
     del pred["annotations"][1]["segmentation"]  # an unlabeled box counts IoU 0
     assert label.evaluate(gt, pred)["miou"] == pytest.approx(0.5)
+
+
+def test_spearman_and_score_ranking_by_hand():
+    assert label.ranks([3, 1, 3, 3, 2]).tolist() == [4, 1, 4, 4, 2]  # the three 3s share ranks 3, 4, 5
+    # Ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4]: deviations (-1.5, 0, 0, 1.5), (-1.5, .5, -.5, 1.5);
+    # Σ products 4.5, Σ squares 4.5 and 5: ρ = 4.5 / sqrt(22.5) = 3 / sqrt(10).
+    assert label.spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(3 / math.sqrt(10))
+    assert label.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    assert label.spearman([1, 1, 1], [1, 2, 3]) is None and label.spearman([1], [1]) is None
+    # Ten masks, three bad (IoU < 0.5): the lowest-scored one (10%) is bad, the next one is not, and
+    # the third bad mask has the highest score: 1/3 in the lowest 10%, 1/3 in the lowest 20%.
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    ious = [0.2, 0.9, 0.4, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.3]
+    r = label.score_ranking(scores, ious)
+    assert (r["score_n"], r["score_n_bad"]) == (10, 3)
+    assert r["score_bad_in_low10"] == pytest.approx(1 / 3) and r["score_bad_in_low20"] == pytest.approx(1 / 3)
+    assert r["score_spearman"] == pytest.approx(label.spearman(scores, ious))
+    assert label.score_ranking([0.5, 0.6], [0.9, 0.8])["score_bad_in_low10"] is None  # no bad mask
 
 
 def test_results_list_with_score_threshold(world, tmp_path):
