@@ -1227,14 +1227,16 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
                            "--out", str(tmp_path / "run"), "--epochs", "3"])
     assert args.demo and not args.demo_data and args.val_json is None and args.out == str(tmp_path / "run")
     assert (args.arch, args.depth, args.img_size, args.loss_size, args.epochs) == ("vit_tiny", 3, 96, 48, 3)
+    assert (args.crf_unary, args.crf_size, args.ema, args.color_aug) == (1e-4, 24, 0.99, False)
     assert train.get_args(["--train-json", "x.json", "--images", "."]).out == "runs/mal"
     assert train.get_args([]).demo_data and train.get_args([]).val_json == train.DEMO_DATA["val_json"]
     train.main(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--workers", "0",
                 "--min-area", "16", "--crf-iters", "2"])
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    # The demo's CRF loss is the flood (weak unary): labels are refined with the paper's CRF instead.
     assert ck["model_args"]["img_size"] == 96 and ck["label_defaults"] == dict(
-        train.DEMO_LABEL, crf_iters=2, crf_size=48, crf_zeta=0.5, crf_omega=2.0)
+        train.DEMO_LABEL, crf_iters=100, crf_size=48, crf_zeta=0.5, crf_omega=2.0)
     assert not os.path.exists(tmp_path / "never")
 
 
