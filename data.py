@@ -25,7 +25,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation. The loader ships uint8 (4x fewer host->device bytes); the GPU normalises.
+# Normalisation. The loader ships uint8 (4x fewer host->device bytes); the GPU normalises. ImageNet's
+# mean/std is also what every encoder mal.load_pretrained reads (MAE, DeiT, DeiT III, DINOv2) was trained with.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -8,10 +8,11 @@ One file, in the paper's order:
                                mal_loss (Eq. 1)
   §4.6  Clustering score ..... clustering_score (Eq. 6): how well encoder features separate FG/BG
   Upper bound ................ gt_mask_loss: the same network trained on GT masks (not MAL)
-Pretrained encoders (MAE, DeiT, timm, our own checkpoints) load with load_pretrained.
+Pretrained encoders (MAE, DeiT, DeiT III, DINOv2, timm, our own checkpoints) load with load_pretrained.
 """
 import copy
 import math
+import re
 import sys
 import warnings
 
@@ -49,7 +50,8 @@ def expand_box_fixed(box, t=0.2):
 
 # ----------------------------------------------------------------------------------------------
 # §3.2 Image encoder E: a standard ViT (Dosovitskiy et al.), classification head dropped.
-# Parameter names follow timm / MAE / DeiT so that their checkpoints load as they are.
+# Parameter names follow timm / MAE / DeiT so that their checkpoints load as they are. Options for
+# newer encoders: LayerScale (DeiT III, DINOv2), register tokens and a SwiGLU MLP (DINOv2).
 
 
 def drop_path(x, p, training):
@@ -99,20 +101,50 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (DINOv2's ViT-g): fc2(silu(a) * b) with [a, b] = fc1(x), fc1 packing both halves
+    (timm's SwiGLUPacked; DINOv2 names fc1 / fc2 w12 / w3). DINOv2 sizes the hidden width at 2/3 of
+    the GELU MLP's, rounded up to a multiple of 8 (4096 for ViT-g's 1536 × 4)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = (int(dim * mlp_ratio) * 2 // 3 + 7) // 8 * 8
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch (CaiT), starting small (init_values) so that deep
+    ViTs train stably."""
+
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; init_values adds LayerScale (ls1, ls2), swiglu the SwiGLU MLP."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, init_values=None, swiglu=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = SwiGLU(dim, mlp_ratio) if swiglu else Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
 
 def resample_pos_embed(pos_embed, grid_hw, num_prefix=1):
@@ -149,37 +181,50 @@ def sincos_pos_embed(dim, grid):
 
 
 class VisionTransformer(nn.Module):
-    """forward(x [B,3,H,W]) -> patch features [B, C, H/p, W/p] (class token dropped after the final norm).
+    """forward(x [B,3,H,W]) -> patch features [B, C, H/p, W/p] (class and register tokens dropped after
+    the final norm).
 
     The position embeddings start as MAE's 2-D sine-cosine table (and are learned from there): an
     encoder trained from scratch on a few hundred images learns the layout of its patches far more
     slowly from random ones (GT-mask training of the demo model: 0.63 vs 0.79 val mIoU at equal steps).
-    Pretrained weights replace them anyway."""
+    Pretrained weights replace them anyway. pos_embed always has the class token's slot (DeiT III and
+    timm's DINOv2 with registers have none: load_pretrained gives them a zero one, which is the same).
+
+    init_values: LayerScale's start (None: none); reg_tokens: register tokens (reg_token), which join
+    after the position embeddings are added, between the class token and the patches, as in DINOv2;
+    swiglu: SwiGLU MLPs. Without them this is the plain ViT of MAE, DeiT and timm."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, drop_path=0.0):
+                 mlp_ratio=4.0, drop_path=0.0, init_values=None, reg_tokens=0, swiglu=False):
         super().__init__()
+        self.arch = "VisionTransformer"  # vit() gives the architecture's name, for error messages
         self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.num_prefix_tokens = 1 + reg_tokens
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, init_values, swiglu) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(_init_weights)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(embed_dim, grid))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if reg_tokens:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as DINOv2 and timm
 
     def forward(self, x):
         x = self.patch_embed(x)
         B, C, h, w = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         x = x + resample_pos_embed(self.pos_embed, (h, w))
+        if self.reg_token is not None:
+            x = torch.cat([x[:, :1], self.reg_token.expand(B, -1, -1), x[:, 1:]], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)[:, 1:]
+        x = self.norm(x)[:, self.num_prefix_tokens:]
         return x.transpose(1, 2).reshape(B, C, h, w)
 
 
@@ -193,12 +238,29 @@ def _init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-VIT_CONFIGS = {  # name: (embed_dim, depth, num_heads, default patch size)
-    "vit_tiny": (192, 12, 3, 16),
-    "vit_small": (384, 12, 6, 16),
-    "vit_base": (768, 12, 12, 16),
-    "vit_large": (1024, 24, 16, 16),
-    "vit_huge": (1280, 32, 16, 14),
+def _config(dim, depth, heads, patch, **options):
+    return dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, **options)
+
+
+_DINOV2 = dict(init_values=1e-5)  # DINOv2 (its _reg4 models: 4 register tokens), patch 14
+_DEIT3 = dict(init_values=1e-6)  # DeiT III, patch 16
+VIT_CONFIGS = {  # name: VisionTransformer's arguments, patch_size the default patch size
+    "vit_tiny": _config(192, 12, 3, 16),
+    "vit_small": _config(384, 12, 6, 16),
+    "vit_base": _config(768, 12, 12, 16),
+    "vit_large": _config(1024, 24, 16, 16),
+    "vit_huge": _config(1280, 32, 16, 14),
+    "vit_small_dinov2": _config(384, 12, 6, 14, **_DINOV2),
+    "vit_base_dinov2": _config(768, 12, 12, 14, **_DINOV2),
+    "vit_large_dinov2": _config(1024, 24, 16, 14, **_DINOV2),
+    "vit_giant_dinov2": _config(1536, 40, 24, 14, **_DINOV2, swiglu=True),
+    "vit_small_dinov2_reg4": _config(384, 12, 6, 14, **_DINOV2, reg_tokens=4),
+    "vit_base_dinov2_reg4": _config(768, 12, 12, 14, **_DINOV2, reg_tokens=4),
+    "vit_large_dinov2_reg4": _config(1024, 24, 16, 14, **_DINOV2, reg_tokens=4),
+    "vit_giant_dinov2_reg4": _config(1536, 40, 24, 14, **_DINOV2, swiglu=True, reg_tokens=4),
+    "deit3_small": _config(384, 12, 6, 16, **_DEIT3),
+    "deit3_base": _config(768, 12, 12, 16, **_DEIT3),
+    "deit3_large": _config(1024, 24, 16, 16, **_DEIT3),
 }
 
 
@@ -206,8 +268,11 @@ def vit(name, patch_size=None, img_size=224, drop_path=0.0, depth=None):
     """Build a named ViT; `depth` overrides the block count (e.g. a 4-block vit_tiny for the CPU demo)."""
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(VIT_CONFIGS)}")
-    dim, d, heads, p = VIT_CONFIGS[name]
-    return VisionTransformer(img_size, patch_size or p, dim, depth or d, heads, drop_path=drop_path)
+    cfg = dict(VIT_CONFIGS[name], drop_path=drop_path)
+    cfg["patch_size"], cfg["depth"] = patch_size or cfg["patch_size"], depth or cfg["depth"]
+    model = VisionTransformer(img_size, **cfg)
+    model.arch = name
+    return model
 
 
 def vit_tiny(**kw): return vit("vit_tiny", **kw)
@@ -218,17 +283,30 @@ def vit_huge(**kw): return vit("vit_huge", **kw)
 
 
 # Keys of public checkpoints that are not part of the encoder: classifier heads, DeiT's distillation
-# token and head, MAE's decoder and mask token.
+# token and head, MAE's decoder and mask token (DINOv2's too).
 _DROP_PREFIXES = ("head", "fc_norm", "dist_token", "decoder_", "mask_token")
+# The DINOv2 and DeiT III authors' names for timm's (and ours): DINOv2's register_tokens and SwiGLU
+# w12 / w3, DeiT III's gamma_1 / gamma_2 (LayerScale).
+_RENAMES = ((r"^register_tokens$", "reg_token"), (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."),
+            (r"\.gamma_([12])$", r".ls\1.gamma"))
+
+
+def _options(sd):
+    """What an encoder's state dict says it was built with beyond the tensors' shapes, in words."""
+    ls = "LayerScale" if any(k.endswith(".ls1.gamma") for k in sd) else "no LayerScale"
+    return ls + (f", {sd['reg_token'].shape[1]} register tokens" if "reg_token" in sd else ", no register tokens")
 
 
 def load_pretrained(model, path):
-    """Load MAE / DeiT / timm / MAL weights into a VisionTransformer (or a MAL model's encoder).
+    """Load MAE / DeiT / DeiT III / DINOv2 / timm / MAL weights into a VisionTransformer (or a MAL
+    model's encoder).
 
     Unwraps `model` / `state_dict` / `module.` / `backbone.` / `encoder.` wrappers, drops heads and
-    the MAE decoder, resamples pos_embed to the model's grid, and raises a clear error on a shape
-    mismatch. A MAL checkpoint given to a MAL model loads both encoder and decoder (teacher weights).
-    Prints what was missing or unused."""
+    the MAE decoder, renames the DINOv2 and DeiT III authors' keys to timm's, resamples pos_embed to
+    the model's grid (giving it a zero class-token slot where the file has none), and raises a
+    one-line error naming the file and the architecture when the weights do not fit it (tensor
+    shapes, LayerScale, register tokens). A MAL checkpoint given to a MAL model loads both encoder
+    and decoder (teacher weights). Prints what was missing or unused."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing file, not a checkpoint, or pickled code (refused by weights_only)
@@ -246,12 +324,18 @@ def load_pretrained(model, path):
         if k.startswith("decoder."):  # our own layout: encoder.* / decoder.* (MAE's are decoder_*)
             dec[k[len("decoder."):]] = v
         elif not k.startswith(_DROP_PREFIXES):
-            enc[k.removeprefix("encoder.")] = v
+            k = k.removeprefix("encoder.")
+            for pattern, name in _RENAMES:
+                k = re.sub(pattern, name, k)
+            enc[k] = v
     encoder = model.encoder if isinstance(model, MAL) else model
+    arch = f"{encoder.arch}/{encoder.patch_size}"
     if "pos_embed" in enc:
         pe, grid = enc["pos_embed"], encoder.pos_embed.shape[1] - 1
         n = pe.shape[1]
-        if math.isqrt(n - 2) ** 2 == n - 2 and math.isqrt(n - 1) ** 2 != n - 1:
+        if math.isqrt(n) ** 2 == n:  # DeiT III, timm's DINOv2 with registers: no class-token slot
+            pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)
+        elif math.isqrt(n - 2) ** 2 == n - 2 and math.isqrt(n - 1) ** 2 != n - 1:
             pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the dist token's slot
         gs = math.isqrt(grid)
         try:
@@ -269,8 +353,11 @@ def load_pretrained(model, path):
                 unused.append(k)
             elif own[k].shape != v.shape:
                 raise ValueError(f"{path}: {part} tensor {k} has shape {tuple(v.shape)} in the file but "
-                                 f"{tuple(own[k].shape)} in the model (a checkpoint for another "
+                                 f"{tuple(own[k].shape)} in {arch} (a checkpoint for another "
                                  f"architecture or patch size?)")
+        if part == "encoder" and _options(weights) != _options(own):
+            raise ValueError(f"{path}: the file's encoder has {_options(weights)} but {arch} has "
+                             f"{_options(own)} (a checkpoint for another architecture?)")
         missing += [f"{part}.{k}" for k in own if k not in weights]
         module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
         loaded += sum(k in own for k in weights)

@@ -109,6 +109,11 @@ def reconstruct_pixels(pred, images, p, norm_pix=True):
     return unpatchify(pred.float() * std + mean, p, h, w)
 
 
+# MAE's encoder: the plain ViTs (none of LayerScale, register tokens or a SwiGLU MLP).
+ARCHS = [name for name, c in mal.VIT_CONFIGS.items()
+         if not (c.get("init_values") or c.get("reg_tokens") or c.get("swiglu"))]
+
+
 class MaskedAutoencoder(mal.VisionTransformer):
     """MAE around mal's ViT encoder E. The encoder's modules are mal.VisionTransformer's own (inherited),
     so state_dict() is MAE's published layout: the encoder's keys as mal names them, plus
@@ -117,8 +122,9 @@ class MaskedAutoencoder(mal.VisionTransformer):
 
     def __init__(self, arch="vit_base", patch_size=16, img_size=224, depth=None, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16):
-        dim, d, heads, p = mal.VIT_CONFIGS[arch]
-        super().__init__(img_size, patch_size or p, dim, depth or d, heads)
+        c = mal.VIT_CONFIGS[arch]
+        dim = c["embed_dim"]
+        super().__init__(img_size, patch_size or c["patch_size"], dim, depth or c["depth"], c["num_heads"])
         grid = img_size // self.patch_size
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -355,7 +361,7 @@ A killed run continues with the same command plus --resume.""")
     a("--json", help="COCO-format JSON: its boxes' RoI crops (or, with --views images, its images)")
     a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
     a("--min-area", type=float, default=data.RECIPE_MIN_AREA, help="box views: skip boxes smaller than this many px²")
-    a("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    a("--arch", default="vit_base", choices=ARCHS, help="ViT image encoder")
     a("--depth", type=int, default=None, help="override the encoder's number of blocks")
     a("--patch-size", type=int, default=16, help="ViT patch size")
     a("--img-size", type=int, default=224, help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")

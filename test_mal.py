@@ -4,6 +4,7 @@ label.py."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,6 +152,153 @@ def test_load_pretrained_mismatch_is_a_clear_error(tmp_path):
         mal.load_pretrained(mal.vit_tiny(depth=1), path)
     with pytest.raises(ValueError, match="no state dict"):
         mal.load_pretrained(mal.vit_tiny(depth=1), _save({"model": [1, 2]}, tmp_path / "bad.pth"))
+
+
+def test_vit_factories_dinov2_and_deit3():
+    plain = mal.vit("vit_small", depth=1)
+    assert plain.reg_token is None and not any(".ls" in k for k in plain.state_dict())
+    reg4 = mal.vit("vit_small_dinov2_reg4", depth=1, img_size=56)
+    assert reg4.patch_size == 14 and reg4.reg_token.shape == (1, 4, 384) and reg4.num_prefix_tokens == 5
+    assert torch.all(reg4.blocks[0].ls1.gamma == 1e-5) and torch.all(reg4.blocks[0].ls2.gamma == 1e-5)
+    deit3 = mal.vit("deit3_base", depth=1)
+    assert deit3.patch_size == 16 and deit3.reg_token is None and torch.all(deit3.blocks[0].ls1.gamma == 1e-6)
+    giant = mal.vit("vit_giant_dinov2", depth=1)  # DINOv2's ViT-g: SwiGLU of hidden width 4096
+    assert giant.embed_dim == 1536 and giant.blocks[0].attn.num_heads == 24
+    assert giant.blocks[0].mlp.fc1.out_features == 2 * 4096 and giant.blocks[0].mlp.fc2.in_features == 4096
+    with torch.no_grad():  # registers are dropped like the class token, at any input size
+        assert reg4(torch.randn(2, 3, 70, 42)).shape == (2, 384, 5, 3)
+
+
+def _randomize(model, seed=0):
+    """Random values for what timm starts at constants: LayerScale (1e-5), tokens (~0), norms and biases, so
+    that a wrong mapping of any of them shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if n.endswith("gamma"):
+                p.copy_(0.5 + r.abs())
+            elif "token" in n or n == "pos_embed":
+                p.copy_(0.5 * r)
+            elif p.ndim == 1:
+                p.copy_(0.1 * r + (1.0 if "norm" in n and n.endswith("weight") else 0.0))
+    return model
+
+
+def _same_patch_tokens(ours, ref, size):
+    """Max |ours - timm| over the patch tokens of timm's forward_features on a random batch."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.forward_features(x)[:, ref.num_prefix_tokens:]
+        got = ours(x).flatten(2).transpose(1, 2)
+    return (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("timm_name,arch,size", [("vit_small_patch14_dinov2", "vit_small_dinov2", 56),
+                                                 ("vit_small_patch14_reg4_dinov2", "vit_small_dinov2_reg4", 56),
+                                                 ("deit3_small_patch16_224", "deit3_small", 64)])
+def test_dinov2_and_deit3_match_timm(timm_name, arch, size, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    ref = _randomize(timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=size, depth=2)).eval()
+    path = _save(ref.state_dict(), tmp_path / f"{timm_name}.pth")
+    ours = mal.load_pretrained(mal.vit(arch, depth=2, img_size=size), path).eval()
+    assert "missing none; unused none" in capsys.readouterr().err
+    assert _same_patch_tokens(ours, ref, size) <= 1e-4
+
+
+@pytest.mark.parametrize("timm_name", ["vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"])
+def test_swiglu_matches_timm_giant_dinov2(timm_name, tmp_path, capsys):
+    """timm's ViT-g/14 layout (its packed SwiGLU MLP) at a reduced width and depth."""
+    timm = pytest.importorskip("timm")
+    ref = _randomize(timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=56, embed_dim=96,
+                                       depth=2, num_heads=4)).eval()
+    ours = mal.VisionTransformer(img_size=56, patch_size=14, embed_dim=96, depth=2, num_heads=4, init_values=1e-5,
+                                 reg_tokens=ref.num_prefix_tokens - 1, swiglu=True)
+    assert ours.blocks[0].mlp.fc2.in_features == ref.blocks[0].mlp.fc2.in_features == 256  # DINOv2's width rule
+    mal.load_pretrained(ours, _save(ref.state_dict(), tmp_path / "g.pth")).eval()
+    assert "missing none; unused none" in capsys.readouterr().err
+    assert _same_patch_tokens(ours, ref, 56) <= 1e-4
+
+
+G14_REG4 = dict(patch_size=14, embed_dim=96, depth=2, num_heads=4, init_values=1e-5, reg_tokens=4, swiglu=True)
+
+
+def _dinov2_authors_layout(model):
+    """A VisionTransformer's weights as the DINOv2 authors release them: a bare state dict with register_tokens,
+    the SwiGLU MLP as w12 / w3 (ViT-g only; the others have fc1 / fc2 as we do) and a mask_token."""
+    swiglu = isinstance(model.blocks[0].mlp, mal.SwiGLU)
+    out = {"mask_token": torch.zeros(1, model.embed_dim)}
+    for k, v in model.state_dict().items():
+        if swiglu:
+            k = k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")
+        out[k.replace("reg_token", "register_tokens")] = v
+    return out
+
+
+def test_load_pretrained_dinov2_authors_layout(tmp_path, capsys):
+    """A file laid out like DINOv2's released ViT-g/14 with registers (reduced width and depth), at its release
+    size 518 px (37 × 37 positions), loads whole at 518 px and at MAL's 126 px."""
+    src = _randomize(mal.VisionTransformer(img_size=518, **G14_REG4)).eval()
+    authors = _dinov2_authors_layout(src)
+    assert {"register_tokens", "mask_token", "blocks.1.mlp.w12.weight", "blocks.1.mlp.w3.bias"} <= set(authors)
+    assert authors["pos_embed"].shape == (1, 1 + 37 * 37, 96) and "reg_token" not in authors
+    path = _save(authors, tmp_path / "dinov2_vitg14_reg4_pretrain.pth")
+    same = mal.load_pretrained(mal.VisionTransformer(img_size=518, **G14_REG4), path)
+    assert "missing none; unused none" in capsys.readouterr().err
+    for k, v in src.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v), k
+    small = mal.load_pretrained(mal.VisionTransformer(img_size=126, **G14_REG4), path).eval()
+    assert "missing none; unused none" in capsys.readouterr().err
+    assert torch.equal(small.pos_embed, mal.resample_pos_embed(src.pos_embed, (9, 9)))
+    x = torch.randn(1, 3, 126, 126)
+    with torch.no_grad():  # src resamples its 37 × 37 table on the fly, the same way
+        torch.testing.assert_close(small(x), src(x), rtol=0, atol=1e-5)
+
+
+def test_dinov2_authors_layout_matches_timms_reading(tmp_path, capsys):
+    """The same file read by timm's own DINOv2 conversion (which moves the class token's position into it)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    authors = _dinov2_authors_layout(_randomize(mal.VisionTransformer(img_size=56, **G14_REG4)))
+    ref = timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=56,
+                            embed_dim=96, depth=2, num_heads=4).eval()
+    ref.load_state_dict(checkpoint_filter_fn(dict(authors), ref))
+    ours = mal.load_pretrained(mal.VisionTransformer(img_size=56, **G14_REG4), _save(authors, tmp_path / "d.pth"))
+    assert "missing none; unused none" in capsys.readouterr().err
+    assert _same_patch_tokens(ours.eval(), ref, 56) <= 1e-4
+
+
+def test_load_pretrained_deit3_authors_layout(tmp_path, capsys):
+    """DeiT III's own files: {"model": ...} with blocks.N.gamma_1 / gamma_2 and no class-token position."""
+    src = _randomize(mal.vit("deit3_small", depth=2, img_size=64)).eval()
+    with torch.no_grad():
+        src.pos_embed[:, 0] = 0  # DeiT III adds no position to the class token
+    sd = src.state_dict()
+    deit3 = {re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", k): v for k, v in sd.items()}
+    deit3.update({"pos_embed": sd["pos_embed"][:, 1:], "head.weight": torch.zeros(10, 384), "head.bias": torch.zeros(10)})
+    assert "blocks.1.gamma_2" in deit3 and "blocks.1.ls2.gamma" not in deit3
+    dst = mal.load_pretrained(mal.vit("deit3_small", depth=2, img_size=64),
+                              _save({"model": deit3}, tmp_path / "deit_3_small_224_1k.pth")).eval()
+    assert "missing none; unused none" in capsys.readouterr().err
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst,why", [
+    ("deit3_small", "vit_small", "the file's encoder has LayerScale, no register tokens but vit_small/16 has no "
+                                 "LayerScale, no register tokens"),
+    ("vit_small", "deit3_small", "has no LayerScale, no register tokens but deit3_small/16 has LayerScale"),
+    ("vit_small_dinov2_reg4", "vit_small_dinov2", "has LayerScale, 4 register tokens but vit_small_dinov2/14 has "
+                                                  "LayerScale, no register tokens"),
+    ("vit_small_dinov2", "vit_small", r"patch_embed.proj.weight has shape \(384, 3, 14, 14\) in the file but "
+                                      r"\(384, 3, 16, 16\) in vit_small/16")],
+    ids=["layerscale-into-plain", "plain-into-layerscale", "registers-into-none", "patch14-into-patch16"])
+def test_load_pretrained_wrong_architecture_is_one_line_naming_both(src, dst, why, tmp_path):
+    path = _save(mal.vit(src, depth=1).state_dict(), tmp_path / f"{src}.pth")
+    with pytest.raises(ValueError, match=re.escape(path) + ": .*" + why) as e:
+        mal.load_pretrained(mal.vit(dst, depth=1), path)
+    assert "\n" not in str(e.value)
 
 
 def test_decoder_shapes_and_k_dot_v():
@@ -1109,6 +1257,23 @@ def tiny_argv(tiny_set, out, *extra):
             "--batch-size", "4", "--min-area", "16", "--loss-size", "32", "--crf-iters", "5", "--workers", "0",
             "--warmup-steps", "1", "--mil-ramp", "1", "--crf-ramp", "1", "--drop-path", "0.1", "--device", "cpu",
             "--log-every", "0", *extra]
+
+
+def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, capsys):
+    """train.py --init with a DINOv2-layout file (released at 37 × 37 positions) at patch 14, then label.py."""
+    init = _save(_dinov2_authors_layout(mal.vit("vit_small_dinov2_reg4", depth=1, img_size=518)), tmp_path / "d.pth")
+    train.main(tiny_argv(tiny_set, tmp_path / "run", "--arch", "vit_small_dinov2_reg4", "--patch-size", "14",
+                         "--img-size", "28", "--init", init, "--epochs", "1", "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert f"load_pretrained {init}: loaded 21 tensors; missing none; unused none" in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_args"]["arch"] == "vit_small_dinov2_reg4"
+    assert ckpt["teacher"]["encoder.reg_token"].shape == (1, 4, 384)
+    out = tmp_path / "labels.json"
+    label.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--json", tiny_set["val_json"], "--images",
+                tiny_set["val_images"], "--out", str(out), "--workers", "0", "--quiet"])
+    anns = json.loads(out.read_text())["annotations"]
+    assert anns and all("segmentation" in a for a in anns)
 
 
 def test_grouped_sampler_splits_ranks_into_grouped_blocks(tiny_set):

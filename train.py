@@ -72,10 +72,11 @@ def get_args(argv=None):
     a("--val-max-images", type=int, default=200, help="validate on this many images (a fixed subset)")
     a("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
     a("--depth", type=int, default=None, help="override the encoder's number of blocks")
-    a("--patch-size", type=int, default=16, help="ViT patch size (8, 14 and 16 work)")
+    a("--patch-size", type=int, default=16, help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
     a("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
     a("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
-    a("--init", help="pretrained encoder (MAE, DeiT, timm or a MAL checkpoint) for mal.load_pretrained")
+    a("--init", help="pretrained encoder for mal.load_pretrained: MAE, DeiT, DeiT III (--arch deit3_*), DINOv2 "
+                     "(--arch vit_*_dinov2[_reg4] --patch-size 14), timm or a MAL checkpoint")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
     a("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
     a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
@@ -220,13 +221,16 @@ def main(argv=None):
                       drop_path=args.drop_path, depth=args.depth, decoder_dim=args.decoder_dim)
     net = mal.MAL(**model_args)
     if args.init and not args.resume:
+        # The input normalisation stays data.normalize's ImageNet mean/std: every encoder that
+        # load_pretrained reads (MAE, DeiT, DeiT III, DINOv2, timm's ViTs) was trained with it.
         try:
             mal.load_pretrained(net, args.init)
         except (OSError, ValueError) as e:
             raise SystemExit(str(e))
     net.to(device)
-    # No weight decay on norms, biases, the class token and the position embeddings.
-    decays = {n: p.ndim > 1 and n not in ("encoder.pos_embed", "encoder.cls_token") for n, p in net.named_parameters()}
+    # No weight decay on norms, biases, LayerScale, the class and register tokens and the position embeddings.
+    decays = {n: p.ndim > 1 and n not in ("encoder.pos_embed", "encoder.cls_token", "encoder.reg_token")
+              for n, p in net.named_parameters()}
     opt = torch.optim.AdamW([{"params": [p for n, p in net.named_parameters() if decays[n]], "weight_decay": args.weight_decay},
                              {"params": [p for n, p in net.named_parameters() if not decays[n]], "weight_decay": 0.0}],
                             lr=peak_lr, betas=(0.9, 0.9), fused=device.type == "cuda")
