@@ -331,6 +331,27 @@ def test_loss_ramps_and_crf_loss_formula():
     torch.testing.assert_close(t0["loss"], 0.4 * t0["mil"] + 0.025 * t0["crf"])
 
 
+def test_mal_loss_under_cpu_bf16_autocast():
+    """Under CPU bf16 autocast, with a network's logits in bf16, mal_loss computes in float32: the float32
+    loss of the bf16-rounded logits, finite gradients, and close to the loss of the unrounded logits."""
+    image, prob, box = two_colour_case()
+    image, box = torch.cat([image, image.flip(-1)]), torch.cat([box, box.flip(-1)])
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * (F.avg_pool2d(box[:, None], 2)[:, 0] - 0.5) + torch.randn(2, 16, 16, generator=g)
+    t_logits = logits + 0.3 * torch.randn(2, 16, 16, generator=g)
+    kw = dict(step=10, loss_size=32, crf_iters=20, mil_ramp=1, crf_ramp=1)
+    lo, t_lo = logits.bfloat16().requires_grad_(), t_logits.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = mal.mal_loss(lo, t_lo, image, box, **kw)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(torch.isfinite(v) for v in terms.values())
+    assert torch.isfinite(lo.grad).all() and lo.grad.abs().sum() > 0
+    rounded, _ = mal.mal_loss(lo.detach().float(), t_lo.float(), image, box, **kw)
+    torch.testing.assert_close(loss.detach(), rounded)
+    full, _ = mal.mal_loss(logits, t_logits, image, box, **kw)
+    assert loss.item() == pytest.approx(full.item(), rel=2 ** -9)  # one bf16 rounding
+
+
 def _c_shape_case(S=32):
     """A C-shaped object (colour 2) open to the right on a uniform background (0); the network's mask is
     its filled box. Returns image, prob, box, C mask, pocket mask (the background the C encloses)."""
@@ -1321,6 +1342,18 @@ def test_train_resume_is_exact(tiny_set, tmp_path, order):
     for part in ("task", "teacher"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_train_compile_follows_eager(tiny_set, tmp_path):
+    """train.py --compile (torch.compile of the task network and the teacher: inductor, C++ on the CPU)
+    trains and follows the eager run: the same crops and no stochastic depth, so the same losses."""
+    common = ("--epochs", "1", "--max-steps", "2", "--drop-path", "0")
+    train.main(tiny_argv(tiny_set, tmp_path / "eager", *common))
+    train.main(tiny_argv(tiny_set, tmp_path / "compiled", *common, "--compile"))
+    eager, compiled = ([json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
