@@ -1,6 +1,7 @@
 """Tests for MAL: `pytest test_mal.py`. Sections follow the files: mal.py, crf_ext/, data.py, train.py, pretrain.py,
 label.py."""
 
+import functools
 import json
 import math
 import os
@@ -478,6 +479,27 @@ def test_loss_ramps_and_crf_loss_formula():
     torch.testing.assert_close(t0["loss"], 0.4 * t0["mil"] + 0.025 * t0["crf"])
 
 
+def test_mal_loss_under_cpu_bf16_autocast():
+    """Under CPU bf16 autocast, with a network's logits in bf16, mal_loss computes in float32: the float32
+    loss of the bf16-rounded logits, finite gradients, and close to the loss of the unrounded logits."""
+    image, prob, box = two_colour_case()
+    image, box = torch.cat([image, image.flip(-1)]), torch.cat([box, box.flip(-1)])
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * (F.avg_pool2d(box[:, None], 2)[:, 0] - 0.5) + torch.randn(2, 16, 16, generator=g)
+    t_logits = logits + 0.3 * torch.randn(2, 16, 16, generator=g)
+    kw = dict(step=10, loss_size=32, crf_iters=20, mil_ramp=1, crf_ramp=1)
+    lo, t_lo = logits.bfloat16().requires_grad_(), t_logits.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = mal.mal_loss(lo, t_lo, image, box, **kw)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(torch.isfinite(v) for v in terms.values())
+    assert torch.isfinite(lo.grad).all() and lo.grad.abs().sum() > 0
+    rounded, _ = mal.mal_loss(lo.detach().float(), t_lo.float(), image, box, **kw)
+    torch.testing.assert_close(loss.detach(), rounded)
+    full, _ = mal.mal_loss(logits, t_logits, image, box, **kw)
+    assert loss.item() == pytest.approx(full.item(), rel=2 ** -9)  # one bf16 rounding
+
+
 def _c_shape_case(S=32):
     """A C-shaped object (colour 2) open to the right on a uniform background (0); the network's mask is
     its filled box. Returns image, prob, box, C mask, pocket mask (the background the C encloses)."""
@@ -851,6 +873,131 @@ def test_cuda_module_builds_and_registers():
     res = crf_ext.load(cuda=True)
     assert res["cuda"], crf_ext.status().get("cuda")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mal::mean_field", "CUDA")
+
+
+# ------------------------------------------------------------------ CUDA kernels on the CPU (emulated)
+# crf_ext/cuda_emu.h runs mean_field_cuda.cu, kernels and launcher, as host code: each path is the one
+# the launcher's own selection picks with an H100's or an A100's device attributes.
+
+EMU_GPUS = {"h100": (132, 227 * 1024), "a100": (108, 163 * 1024)}  # SMs, opt-in shared memory per block
+
+
+@pytest.fixture(scope="module")
+def cuda_emu_ops():
+    return crf_ext.cuda_emu()
+
+
+def emu_inputs(B, H, W, mask, seed=0):
+    """make_inputs' smooth image with no mask, a box, or a box with holes."""
+    img, prob, box = make_inputs(B, 3, H, W, "smooth", mask != "none", seed)
+    if mask == "holes":
+        box &= torch.rand(B, H, W, generator=torch.Generator().manual_seed(seed)) > 0.3
+    return img, prob, box
+
+
+def expected_launches(gpu, B, H, W, iters, forced):
+    """The launches the design in mean_field_cuda.cu calls for: reg up to 4096 pixels (64×64), up to 8 per
+    thread; smem while its two Q buffers (8 B/px) fit the opt-in shared memory; global beyond, its grid at
+    most 32 blocks per SM. A forced path that does not fit falls back to that choice."""
+    HW = H * W
+    sms, optin = EMU_GPUS[gpu]
+    fits = {"reg": HW <= 4096, "smem": 8 * HW <= optin, "global": True}
+    path = forced if fits.get(forced) else next(p for p in ("reg", "smem", "global") if fits[p])
+    up32 = lambda n: -(-n // 32) * 32  # noqa: E731
+    if path == "reg":
+        ppt = next(p for p in (1, 2, 4, 8) if HW <= 512 * p)
+        return [f"mf_reg_kernel<PPT> grid={B} block={up32(-(-HW // ppt))} smem={8 * HW}"]
+    grid = min(-(-B * HW // 256), 32 * sms)
+    prepare = f"mf_prepare_kernel grid={grid} block=256 smem=0"
+    if path == "smem":
+        return [prepare, f"mf_smem_kernel grid={B} block={min(1024, up32(HW))} smem={8 * HW}"]
+    return [prepare] + [f"mf_global_step_kernel grid={grid} block=256 smem=0"] * iters
+
+
+@functools.lru_cache(maxsize=None)
+def emu_case(B, H, W, iters, mask):
+    """A case's inputs and float64 result, computed once for all the paths that run it."""
+    img, prob, box = emu_inputs(B, H, W, mask)
+    return img, prob, box, mean_field_float64(img, prob, box, iters=iters)
+
+
+def run_cuda_emu(ops, monkeypatch, gpu, B, H, W, iters, mask, forced):
+    monkeypatch.setenv("MAL_CRF_EMU_GPU", gpu)
+    if forced != "auto":
+        monkeypatch.setenv("MAL_CRF_CUDA_PATH", forced)
+    img, prob, box, r64 = emu_case(B, H, W, iters, mask)
+    q = ops.mean_field(img, prob, box, iters, 0.5, 2.0)
+    assert q.shape == (B, H, W) and q.dtype == torch.float32
+    assert ops.launches() == expected_launches(gpu, B, H, W, iters, forced)
+    assert (q.double() - r64).abs().max().item() <= TOL
+    if box is not None:
+        assert (q[~box] == 0).all()
+
+
+# The reg kernel's pixels per thread: 1 for 1×1 and 300×1, 2 for 1×700, 4 for 37×53, 8 for 64×64.
+EMU_CASES = [  # gpu, B, H, W, iters, mask
+    ("h100", 3, 1, 1, 10, "box"),
+    ("h100", 2, 1, 700, 2, "none"),
+    ("h100", 2, 300, 1, 1, "holes"),
+    ("h100", 4, 37, 53, 0, "holes"),
+    ("h100", 4, 37, 53, 10, "box"),
+    ("h100", 2, 64, 64, 2, "holes"),    # the largest reg crop (4096 pixels)
+    ("h100", 2, 65, 65, 10, "none"),    # the smallest smem crop
+    ("h100", 4, 128, 128, 1, "holes"),  # smem above the default 48 KB: needs cudaFuncSetAttribute
+    ("h100", 2, 128, 128, 10, "box"),
+    ("a100", 2, 150, 150, 2, "box"),    # smem on an H100 (176 KB <= 227 KB), global on an A100 (> 163 KB)
+]
+
+
+@pytest.mark.parametrize("forced", ["auto", "reg", "smem", "global"])
+@pytest.mark.parametrize("gpu,B,H,W,iters,mask", EMU_CASES)
+def test_cuda_emu_kernels_match_float64(cuda_emu_ops, monkeypatch, gpu, B, H, W, iters, mask, forced):
+    run_cuda_emu(cuda_emu_ops, monkeypatch, gpu, B, H, W, iters, mask, forced)
+
+
+def test_cuda_emu_512_global_grid_stride(cuda_emu_ops, monkeypatch):
+    """B = 4 512×512 on an A100: the global path with its grid capped at 32 × 108 blocks, so the prepare
+    and step kernels' grid-stride loops take a second lap over 164k of the 1M pixels."""
+    assert expected_launches("a100", 4, 512, 512, 2, "auto")[1] == "mf_global_step_kernel grid=3456 block=256 smem=0"
+    run_cuda_emu(cuda_emu_ops, monkeypatch, "a100", 4, 512, 512, 2, "box", "auto")
+
+
+@pytest.mark.parametrize("gpu,H,W,path", [
+    ("h100", 64, 64, "reg"), ("h100", 1, 4096, "reg"), ("h100", 1, 4097, "smem"), ("a100", 65, 65, "smem"),
+    ("h100", 1, 29056, "smem"), ("h100", 1, 29057, "global"),  # 8 B/px against 227 KB = 232448 B
+    ("a100", 1, 20864, "smem"), ("a100", 1, 20865, "global"),  # and against 163 KB = 166912 B
+])
+def test_cuda_emu_auto_path_boundaries(cuda_emu_ops, monkeypatch, gpu, H, W, path):
+    monkeypatch.setenv("MAL_CRF_EMU_GPU", gpu)
+    img, prob, box = emu_inputs(1, H, W, "box")
+    q = cuda_emu_ops.mean_field(img, prob, box, 1, 0.5, 2.0)
+    kernels = [line.split()[0] for line in cuda_emu_ops.launches()]
+    assert kernels == {"reg": ["mf_reg_kernel<PPT>"], "smem": ["mf_prepare_kernel", "mf_smem_kernel"],
+                       "global": ["mf_prepare_kernel", "mf_global_step_kernel"]}[path]
+    assert (q.double() - mean_field_float64(img, prob, box, iters=1)).abs().max().item() <= TOL
+
+
+def test_cuda_emu_empty_batch_and_unknown_gpu(cuda_emu_ops, monkeypatch):
+    q = cuda_emu_ops.mean_field(torch.zeros(0, 3, 5, 7), torch.zeros(0, 5, 7), None, 3, 0.5, 2.0)
+    assert q.shape == (0, 5, 7) and cuda_emu_ops.launches() == []
+    monkeypatch.setenv("MAL_CRF_EMU_GPU", "v100")
+    with pytest.raises(RuntimeError, match="MAL_CRF_EMU_GPU must be h100 or a100, got 'v100'"):
+        cuda_emu_ops.mean_field(*emu_inputs(1, 5, 7, "box"), 3, 0.5, 2.0)
+
+
+def test_cuda_emu_without_barrier_disagrees(monkeypatch):
+    """The emulator can fail: built with __syncthreads() doing nothing, the reg and smem kernels (one block
+    per crop, iterations separated by barriers) read neighbours before they are written and disagree with
+    float64; the global path, whose barrier between iterations is the launch boundary, still agrees."""
+    broken = crf_ext.cuda_emu(nobarrier=True)
+    monkeypatch.setenv("MAL_CRF_EMU_GPU", "h100")
+    img, prob, box, r64 = emu_case(2, 37, 53, 2, "box")
+    for path in ("reg", "smem", "global"):
+        monkeypatch.setenv("MAL_CRF_CUDA_PATH", path)
+        q = broken.mean_field(img, prob, box, 2, 0.5, 2.0)
+        assert broken.launches() == expected_launches("h100", 2, 37, 53, 2, path)
+        err = (q.double() - r64).abs().nan_to_num(nan=math.inf).max().item()
+        assert err <= TOL if path == "global" else err > 0.1, (path, err)
 
 
 # ------------------------------------------------------------------ CUDA (needs a GPU)
@@ -1360,6 +1507,18 @@ def test_train_resume_is_exact(tiny_set, tmp_path, order):
     for part in ("task", "teacher"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_train_compile_follows_eager(tiny_set, tmp_path):
+    """train.py --compile (torch.compile of the task network and the teacher: inductor, C++ on the CPU)
+    trains and follows the eager run: the same crops and no stochastic depth, so the same losses."""
+    common = ("--epochs", "1", "--max-steps", "2", "--drop-path", "0")
+    train.main(tiny_argv(tiny_set, tmp_path / "eager", *common))
+    train.main(tiny_argv(tiny_set, tmp_path / "compiled", *common, "--compile"))
+    eager, compiled = ([json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):

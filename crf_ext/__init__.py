@@ -19,6 +19,10 @@ flavour and hash of (sources, flags, torch version, CUDA archs):
 * ``mal_crf_cuda``: CUDA kernel only (TORCH_LIBRARY_IMPL(mal, CUDA)).  Built
   wherever nvcc and a CUDA build of torch exist, also without a GPU.
 
+For tests only, :func:`cuda_emu` builds a third flavour: the same CUDA kernels
+and launcher compiled as host C++ on the emulator in ``cuda_emu.h`` (ops
+``torch.ops.mal_cuda_emu.*`` on CPU tensors).  :func:`load` never builds it.
+
 Loading never raises: failures are recorded and reported by :func:`status`
 and :func:`unavailable_reason`.  Everything is cached per process.
 """
@@ -40,7 +44,7 @@ from typing import Dict, Optional, Union
 import torch
 
 __all__ = ["load", "mean_field", "available", "status", "unavailable_reason",
-           "find_cuda_home", "cuda_buildable"]
+           "find_cuda_home", "cuda_buildable", "cuda_emu"]
 
 log = logging.getLogger("crf_ext")
 
@@ -48,6 +52,8 @@ _HERE = Path(__file__).resolve().parent
 _CPU_SOURCES = ["mean_field_cpu.cpp"]
 _CUDA_SOURCES = ["mean_field_cuda.cu"]
 _HEADERS = ["mean_field.h", "op_common.h"]
+_EMU_SOURCES = ["cuda_emu.cpp"]
+_EMU_INCLUDES = ["mean_field_cuda.cu", "cuda_emu.h"]  # besides _HEADERS
 _DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 _lock = threading.RLock()
@@ -173,6 +179,11 @@ def _build_spec(flavour: str) -> dict:
     if flavour == "cpu":
         spec = dict(name="mal_crf_cpu", sources=_CPU_SOURCES,
                     extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"])
+    elif flavour in ("cuda_emu", "cuda_emu_nobarrier"):
+        # -O1: the fibers' switches, not the code, set the emulator's speed.
+        spec = dict(name=f"mal_crf_{flavour}", sources=_EMU_SOURCES, includes=_EMU_INCLUDES,
+                    extra_cflags=["-O1"]
+                    + (["-DMAL_CRF_EMU_NO_BARRIER"] if flavour == "cuda_emu_nobarrier" else []))
     else:
         spec = dict(name="mal_crf_cuda", sources=_CUDA_SOURCES,
                     extra_cflags=["-O3"],
@@ -180,10 +191,10 @@ def _build_spec(flavour: str) -> dict:
                                        "-prec-div=true", "-prec-sqrt=true"],
                     archs=_cuda_arch_list(), cuda_home=find_cuda_home())
     h = hashlib.sha256()
-    for f in spec["sources"] + _HEADERS:
+    for f in spec["sources"] + _HEADERS + spec.get("includes", []):
         h.update(f.encode())
         h.update((_HERE / f).read_bytes())
-    key = {k: v for k, v in spec.items() if k != "sources"}
+    key = {k: v for k, v in spec.items() if k not in ("sources", "includes")}
     h.update(repr(sorted(key.items())).encode())
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
@@ -352,6 +363,19 @@ def mean_field(image: torch.Tensor, prob: torch.Tensor,
     with torch.no_grad():
         return torch.ops.mal.mean_field(image, prob, box_mask, int(iters),
                                         float(zeta), float(omega))
+
+
+def cuda_emu(nobarrier: bool = False):
+    """The CUDA kernels on the CPU (tests only): builds the cuda_emu flavour and returns its
+    ``torch.ops`` namespace (``mean_field``, ``launches``).  The launcher answers device
+    attributes as an H100's or an A100's (env ``MAL_CRF_EMU_GPU=h100|a100``) and honours
+    ``MAL_CRF_CUDA_PATH`` as on a GPU.  nobarrier: a variant whose ``__syncthreads()`` does
+    nothing (it must give wrong results).  Raises RuntimeError if the build fails."""
+    flavour = "cuda_emu_nobarrier" if nobarrier else "cuda_emu"
+    st = _ensure(flavour)
+    if not st["loaded"]:
+        raise RuntimeError(st["error"])
+    return getattr(torch.ops, "mal_" + flavour)
 
 
 # torch.compile / FakeTensor support (needs the schema: registered right after

@@ -1,4 +1,6 @@
 // CUDA kernels of mal::mean_field (math: mean_field.h, shared with the CPU).
+// The tests also run this file, kernels and launcher, on the CPU through the
+// emulator in cuda_emu.h (cuda_emu.cpp).
 //
 // Three paths, chosen per call from the crop size (override for testing:
 // env MAL_CRF_CUDA_PATH=reg|smem|global; ignored where it does not apply).
@@ -31,13 +33,11 @@
 //         limits, same traffic) and (b) temporal blocking with halo tiles
 //         (fewer HBM passes but redundant halo compute and much more code);
 //         (b) is the next step if 512x512 iterations ever dominate.
-#include <ATen/ATen.h>
-// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE
-// headers, which minimal toolkits (nvcc + cudart only) do not ship.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
+// Not ATen/ATen.h: a fresh test run compiles this file (emulated build), and
+// the narrower headers take a quarter off that.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -46,6 +46,28 @@
 
 #include "mean_field.h"
 #include "op_common.h"
+
+#if defined(MAL_CRF_CUDA_EMU)
+// Tests: this file compiled as host C++ on the emulator (cuda_emu.cpp), on
+// CPU tensors.
+#include "cuda_emu.h"
+namespace mf_gpu = cuda_emu;
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+#else
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE
+// headers, which minimal toolkits (nvcc + cudart only) do not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+namespace mf_gpu = c10::cuda;
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+// Launches and dynamic shared memory through macros, which the emulator
+// defines its own way.
+#define MF_LAUNCH(kernel, grid, block, smem, stream) \
+  kernel<<<grid, block, smem, stream>>>
+#define MF_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 namespace mal_crf {
 namespace {
@@ -64,7 +86,7 @@ __global__ void __launch_bounds__(kRegThreads)
                   const bool* __restrict__ mask, float* __restrict__ out,
                   int C, int H, int W, int iters, float inv_two_zeta2,
                   float omega) {
-  extern __shared__ float smem[];
+  MF_DYNAMIC_SHARED(float, smem);
   const int HW = H * W;
   float* cur = smem;
   float* nxt = smem + HW;
@@ -153,7 +175,7 @@ __global__ void __launch_bounds__(kSmemThreads)
     mf_smem_kernel(const float* __restrict__ ws, const float* __restrict__ prob,
                    const bool* __restrict__ mask, float* __restrict__ out,
                    int H, int W, int iters, float omega) {
-  extern __shared__ float smem[];
+  MF_DYNAMIC_SHARED(float, smem);
   const int HW = H * W;
   float* cur = smem;
   float* nxt = smem + HW;
@@ -235,7 +257,7 @@ void launch_reg(const Prepared& P, const bool* mask, float* out, int iters,
   int threads = (HW + PPT - 1) / PPT;
   threads = ((threads + 31) / 32) * 32;
   const size_t smem = 2 * static_cast<size_t>(HW) * sizeof(float);
-  mf_reg_kernel<PPT><<<static_cast<unsigned>(P.B), threads, smem, stream>>>(
+  MF_LAUNCH(mf_reg_kernel<PPT>, static_cast<unsigned>(P.B), threads, smem, stream)(
       P.image.const_data_ptr<float>(), P.prob.const_data_ptr<float>(), mask,
       out, static_cast<int>(P.C), static_cast<int>(P.H),
       static_cast<int>(P.W), iters, P.inv_two_zeta2, omega);
@@ -245,11 +267,12 @@ void launch_reg(const Prepared& P, const bool* mask, float* out, int iters,
 at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
                            const std::optional<at::Tensor>& box_mask,
                            int64_t iters, double zeta, double omega) {
-  TORCH_CHECK(image.is_cuda(), "mal::mean_field: expected image on cuda, got ",
+  TORCH_CHECK(image.device().type() == kDeviceType,
+              "mal::mean_field: expected image on ", kDeviceType, ", got ",
               image.device());
-  c10::cuda::CUDAGuard guard(image.device());
+  mf_gpu::CUDAGuard guard(image.device());
   Prepared P = prepare_inputs(image, prob, box_mask, iters, zeta, omega,
-                              c10::DeviceType::CUDA);
+                              kDeviceType);
   TORCH_CHECK(iters <= std::numeric_limits<int>::max(),
               "mal::mean_field: iters too large: ", iters);
   TORCH_CHECK(P.B <= std::numeric_limits<int>::max(),
@@ -258,7 +281,7 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
   const int64_t HW = P.H * P.W;
   if (P.B == 0 || HW == 0) return out;
 
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(image.get_device());
+  cudaStream_t stream = mf_gpu::getCurrentCUDAStream(image.get_device());
   const bool* mask = P.mask.defined() ? P.mask.const_data_ptr<bool>() : nullptr;
   float* o = out.mutable_data_ptr<float>();
   const int it = static_cast<int>(iters);
@@ -307,8 +330,8 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
     nxt = (iters % 2 == 0) ? tmp.mutable_data_ptr<float>() : o;
   }
   const int64_t total = P.B * HW;
-  mf_prepare_kernel<<<grid_for(total, kGlobalThreads, dev), kGlobalThreads, 0,
-                      stream>>>(
+  MF_LAUNCH(mf_prepare_kernel, grid_for(total, kGlobalThreads, dev),
+            kGlobalThreads, 0, stream)(
       P.image.const_data_ptr<float>(), P.prob.const_data_ptr<float>(), mask,
       ws.mutable_data_ptr<float>(), cur, P.B, static_cast<int>(P.C),
       static_cast<int>(P.H), static_cast<int>(P.W), P.inv_two_zeta2);
@@ -322,7 +345,8 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
     }
     const int threads = static_cast<int>(
         std::min<int64_t>(kSmemThreads, ((HW + 31) / 32) * 32));
-    mf_smem_kernel<<<static_cast<unsigned>(P.B), threads, smem_q, stream>>>(
+    MF_LAUNCH(mf_smem_kernel, static_cast<unsigned>(P.B), threads, smem_q,
+              stream)(
         ws.const_data_ptr<float>(), P.prob.const_data_ptr<float>(), mask, o,
         static_cast<int>(P.H), static_cast<int>(P.W), it, om);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -331,7 +355,7 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
 
   const int grid = grid_for(total, kGlobalThreads, dev);
   for (int t = 0; t < it; ++t) {
-    mf_global_step_kernel<<<grid, kGlobalThreads, 0, stream>>>(
+    MF_LAUNCH(mf_global_step_kernel, grid, kGlobalThreads, 0, stream)(
         ws.const_data_ptr<float>(), mask, cur, nxt, P.B,
         static_cast<int>(P.H), static_cast<int>(P.W), om);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -343,6 +367,8 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
 }  // namespace
 }  // namespace mal_crf
 
+#if !defined(MAL_CRF_CUDA_EMU)  // the emulated build registers its own op
 TORCH_LIBRARY_IMPL(mal, CUDA, m) {
   m.impl("mean_field", &mal_crf::mean_field_cuda);
 }
+#endif

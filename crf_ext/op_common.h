@@ -2,7 +2,7 @@
 // shared by the CPU and CUDA kernels (both must reject exactly the same).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <limits>
