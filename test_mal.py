@@ -796,24 +796,28 @@ def test_torch_compile_fullgraph():
 
 
 BAD = [
-    (lambda i, p, m: (i[0], p, m, 1, 0.5, 2.0), "image must be \\[B,C,H,W\\]"),
+    (lambda i, p, m: (i[0], p, m, 1, 0.5, 2.0), "image must be \\[B,C,H,W\\], got 3-d tensor of shape \\[3, 8, 9\\]"),
     (lambda i, p, m: (i, p[None], m, 1, 0.5, 2.0), "prob must be \\[B,H,W\\]"),
-    (lambda i, p, m: (i, p[:, :-1], m, 1, 0.5, 2.0), "does not match image shape"),
+    (lambda i, p, m: (i, p[:, :-1], m, 1, 0.5, 2.0),
+     "prob shape \\[2, 7, 9\\] does not match image shape \\[2, 3, 8, 9\\] \\(expected \\[B,H,W\\] = \\[2, 8, 9\\]\\)"),
     (lambda i, p, m: (i, p[:1], m, 1, 0.5, 2.0), "does not match image shape"),
-    (lambda i, p, m: (i, p, m[:, 1:], 1, 0.5, 2.0), "box_mask must be \\[B,H,W\\]"),
+    (lambda i, p, m: (i, p, m[:, 1:], 1, 0.5, 2.0), "box_mask must be \\[B,H,W\\] = \\[2, 8, 9\\], got shape \\[2, 7, 9\\]"),
     (lambda i, p, m: (i.double(), p, m, 1, 0.5, 2.0), "image dtype must be float32, float16 or bfloat16"),
     (lambda i, p, m: (i, (p > 0.5).long(), m, 1, 0.5, 2.0), "prob dtype must be float32, float16 or bfloat16"),
     (lambda i, p, m: (i, p, m.int(), 1, 0.5, 2.0), "box_mask dtype must be"),
-    (lambda i, p, m: (i, p, m, -1, 0.5, 2.0), "iters must be >= 0"),
-    (lambda i, p, m: (i, p, m, 1, 0.0, 2.0), "zeta must be a finite number > 0"),
-    (lambda i, p, m: (i, p, m, 1, -1.0, 2.0), "zeta must be a finite number > 0"),
-    (lambda i, p, m: (i, p, m, 1, 0.5, float("nan")), "omega must be finite"),
+    (lambda i, p, m: (i, p, m, -1, 0.5, 2.0), "iters must be >= 0, got -1$"),
+    (lambda i, p, m: (i, p, m, 1, 0.0, 2.0), "zeta must be a finite number > 0, got 0$"),
+    (lambda i, p, m: (i, p, m, 1, -1.5, 2.0), "zeta must be a finite number > 0, got -1.5$"),
+    (lambda i, p, m: (i, p, m, 1, 0.5, float("nan")), "omega must be finite, got nan$"),
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))])
 @pytest.mark.parametrize("make,msg", BAD)
-def test_bad_inputs_raise(make, msg):
-    img, prob, box = make_inputs(2, 3, 8, 9, "smooth", True)
+def test_bad_inputs_raise(make, msg, device):
+    """A one-line error with the offending numbers in it, on either device (building such a message
+    once crashed the process: crf_ext/op_common.h)."""
+    img, prob, box = (t.to(device) for t in make_inputs(2, 3, 8, 9, "smooth", True))
     with pytest.raises(RuntimeError, match=msg):
         torch.ops.mal.mean_field(*make(img, prob, box))
 

@@ -274,9 +274,9 @@ at::Tensor mean_field_cuda(const at::Tensor& image, const at::Tensor& prob,
   Prepared P = prepare_inputs(image, prob, box_mask, iters, zeta, omega,
                               kDeviceType);
   TORCH_CHECK(iters <= std::numeric_limits<int>::max(),
-              "mal::mean_field: iters too large: ", iters);
+              "mal::mean_field: iters too large: ", num(iters));
   TORCH_CHECK(P.B <= std::numeric_limits<int>::max(),
-              "mal::mean_field: batch too large for CUDA grid: ", P.B);
+              "mal::mean_field: batch too large for CUDA grid: ", num(P.B));
   at::Tensor out = at::empty({P.B, P.H, P.W}, P.prob.options());
   const int64_t HW = P.H * P.W;
   if (P.B == 0 || HW == 0) return out;
