@@ -14,10 +14,8 @@ Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object
 OUT's .review.json lists the masks lowest score first, --review N draws the N lowest for a person to
 check, and --eval says how well the score ranks the masks by their true IoU.
 
-Defaults chosen on the demo's validation set (the demo model after its 10 epochs, 301 boxes; the
-filled box scores mIoU 0.435): --net task (mIoU 0.538 at thr 0.5, teacher 0.518, avg 0.530);
---thr 0.7 (0.4: 0.529, 0.5: 0.538, 0.6: 0.546, 0.7: 0.553, 0.8: 0.554); --flip +0.003;
---crf-refine at the training loss size and iterations +0.041 (0.579 at thr 0.5, 0.581 at 0.6).
+The test-time settings come from the checkpoint's recipe (train.py's label_defaults) unless given;
+the demo's were chosen on the demo's validation set and checked on two other sets (QUALITY.md).
 """
 import argparse
 import collections
@@ -45,7 +43,7 @@ import mal
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Test-time settings for a checkpoint without a recipe of its own (see test_time_settings).
 TEST_TIME = dict(net="task", expand=0.2, thr=0.5, flip=False, crf_refine=False, crf_iters=100, crf_size=128,
-                 crf_zeta=0.5, crf_omega=2.0)
+                 crf_zeta=0.5, crf_omega=2.0, crf_unary=1.0)
 AREA_BINS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, float("inf")))
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +274,8 @@ def mask_score(prob, box_mask):
 
 
 @torch.inference_mode()
-def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5, crf_omega=2.0):
+def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5, crf_omega=2.0,
+            crf_unary=1.0):
     """uint8 crops [B,3,S,S] and box masks [B,S,S] (pinned, on CPU) -> (mask probabilities [B,h,w],
     mask_score [B]), float32 on `device`. The mean of sigmoid(logits) over the nets (and their horizontal
     flips), optionally CRF-refined; the score is taken before the CRF (see mask_score).
@@ -296,7 +295,7 @@ def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size
         # The CRF sees the crop as in training: image area-down, box max-pooled to crf_size.
         img, bm = mal.crop_to_loss_size(x[:crops.shape[0]].float(), bm, crf_size)
         prob = F.interpolate(prob[:, None], size=(crf_size, crf_size), mode="bilinear", align_corners=False)[:, 0]
-        prob = mal.refine(img, prob, bm, iters=crf_iters, zeta=crf_zeta, omega=crf_omega)
+        prob = mal.refine(img, prob, bm, iters=crf_iters, zeta=crf_zeta, omega=crf_omega, unary_weight=crf_unary)
     return prob, score
 
 
@@ -343,7 +342,7 @@ def _image_boxes(images, todo, image_dir, size, expand):
 
 
 def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=None, expand=0.2, thr=0.5,
-                 flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5, crf_omega=2.0, batch_size=32,
+                 flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5, crf_omega=2.0, crf_unary=1.0, batch_size=32,
                  workers=0, threads=4, progress=None):
     """Label the boxes `todo` {image_id: [ann, ...]} of `images` (image dicts, in this order).
 
@@ -359,7 +358,8 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
     boxes = {a["id"]: xywh_to_xyxy(a["bbox"]) for anns in todo.values() for a in anns}
-    opts = dict(flip=flip, crf_iters=crf_iters, crf_size=crf_size, crf_zeta=crf_zeta, crf_omega=crf_omega)
+    opts = dict(flip=flip, crf_iters=crf_iters, crf_size=crf_size, crf_zeta=crf_zeta, crf_omega=crf_omega,
+                crf_unary=crf_unary)
     pool = ThreadPoolExecutor(max(1, threads))
     buf = []  # (crop [3,S,S] u8, box mask [S,S], meta) waiting for a full batch
     finished = collections.deque()  # (group, results, futures) whose pastes may still be running
@@ -782,7 +782,7 @@ def file_sha256(path):
 
 # Options that change the labels; a parts folder made with other values must not be merged.
 FINGERPRINT_OPTS = ("net", "expand", "thr", "flip", "crf_refine", "crf_iters", "crf_size", "crf_zeta",
-                    "crf_omega", "score_thr", "chunk_images")
+                    "crf_omega", "crf_unary", "score_thr", "chunk_images")
 
 
 def fingerprint(args, device):
@@ -835,6 +835,8 @@ def get_args(argv=None):
                    help="resolution the CRF runs at" + recipe(f"its training loss size, else {TEST_TIME['crf_size']}"))
     p.add_argument("--crf-zeta", type=float, help="CRF colour bandwidth ζ (Eq. 4)" + recipe(TEST_TIME["crf_zeta"]))
     p.add_argument("--crf-omega", type=float, help="CRF pairwise weight ω (Eq. 4)" + recipe(TEST_TIME["crf_omega"]))
+    p.add_argument("--crf-unary", type=float, help="CRF unary weight τ (Eq. 3 with E = τ·unary + pairwise; below 1 "
+                   "the colour edges overrule the mask more)" + recipe(TEST_TIME["crf_unary"]))
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward (across images)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode + crop)")
     p.add_argument("--threads", type=int, default=4, help="threads that paste and RLE-encode masks")
@@ -884,7 +886,7 @@ def test_time_settings(args):
     if not args.crf_refine:
         args.crf_iters = 0
     print(f"label.py: net {args.net}, thr {args.thr:g}, expand {args.expand:g}, flip {'on' if args.flip else 'off'}, "
-          + (f"CRF refinement {args.crf_iters} iterations at {args.crf_size}px (ζ {args.crf_zeta:g}, ω {args.crf_omega:g})"
+          + (f"CRF refinement {args.crf_iters} iterations at {args.crf_size}px (ζ {args.crf_zeta:g}, ω {args.crf_omega:g}, τ {args.crf_unary:g})"
              if args.crf_refine else "no CRF refinement")
           + (f"; from the checkpoint's recipe except {', '.join('--' + k.replace('_', '-') for k in given)}" if given
              else "; from the checkpoint's recipe" if ck.get("label_defaults") else ""), file=sys.stderr)
@@ -987,7 +989,7 @@ def run(args, rank, world, device, t0):
         for k, res in label_stream(
                 nets, [images[i] for i in order], {i: todo[i] for i in order}, args.images, device=device,
                 groups=groups, expand=args.expand, thr=args.thr, flip=args.flip, crf_iters=args.crf_iters,
-                crf_size=args.crf_size, crf_zeta=args.crf_zeta, crf_omega=args.crf_omega,
+                crf_size=args.crf_size, crf_zeta=args.crf_zeta, crf_omega=args.crf_omega, crf_unary=args.crf_unary,
                 batch_size=args.batch_size, workers=args.workers, threads=args.threads, progress=prog):
             write_json(chunk_path(parts, k), {"chunk": k, "results": {str(a): r for a, r in sorted(res.items())}})
             n_written += 1

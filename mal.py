@@ -474,9 +474,15 @@ _crf_path_logged = set()
 use_crf_kernel = True  # False forces the reference (bench.py's "naive" baseline)
 
 
-def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
+def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weight=1.0):
     """mean_field through the fused crf_ext kernel when it builds, else the reference above.
+    unary_weight τ scales the unary of Eq. 3 (E = τ·μ + ψ; τ = 1 is the paper's CRF): the mean field
+    starts from and is pulled towards sigmoid(τ·logit(prob)), a mask the pairwise term overrules
+    more easily the smaller τ is.
     Says once per device type which path runs (and why, when it falls back). Never builds a graph."""
+    if unary_weight != 1.0:
+        p = prob.clamp(1e-6, 1 - 1e-6)
+        prob = torch.sigmoid(unary_weight * (torch.log(p) - torch.log1p(-p)))
     dev = prob.device.type
     if not use_crf_kernel:
         with torch.no_grad():
@@ -503,8 +509,8 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
 def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0, size=None):
     """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l).
 
-    unary_weight τ scales the unary of Eq. 3 (E = τ·μ + ψ; τ = 1 is the paper's CRF) and size is the
-    resolution the mean field runs at (default: the loss's; its labels are resized back). With τ = 1
+    unary_weight τ scales the unary of Eq. 3 (as in refine) and size is the resolution the mean field
+    runs at (default: the loss's; its labels are resized back). With τ = 1
     the mean field is a local majority vote that moves the mask's edges to nearby colour edges but
     keeps a region the network fills with confidence, such as the concavity of a crescent. With a
     weak unary (τ ~ 1e-4) and ω near the critical 1/(4k̄) (0.25 for 8 neighbours of affinity ~1) it
@@ -517,10 +523,7 @@ def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=
         if size and size != S:
             image, box_mask = crop_to_loss_size(image, box_mask, size)
             avg = F.interpolate(avg[:, None], size=(size, size), mode="area")[:, 0]
-        if unary_weight != 1.0:
-            avg = avg.clamp(1e-6, 1 - 1e-6)
-            avg = torch.sigmoid(unary_weight * (torch.log(avg) - torch.log1p(-avg)))
-        q = refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega)
+        q = refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega, unary_weight=unary_weight)
         if q.shape[-1] != S:
             q = F.interpolate(q[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
         labels = (q > 0.5).float()

@@ -526,6 +526,7 @@ def test_crf_loss_weak_unary_floods_the_box_outside_into_concavities():
     weak = torch.sigmoid(1e-4 * torch.logit(prob.double())).float()
     flood = mal.refine(image, weak, box, iters=1000, zeta=0.3, omega=0.25)[0] > 0.5
     assert not flood[pocket].any() and flood[c].all()
+    assert torch.equal(mal.refine(image, prob, box, **flood_kw)[0] > 0.5, flood)  # refine's own τ, as label.py's --crf-unary
     # crf_loss: dice against those labels; at size 16 they are computed at 16 px and resized back.
     torch.testing.assert_close(mal.crf_loss(prob, prob, image, box, **flood_kw), mal.dice(prob, flood[None].float()).mean())
     small_img, small_box = mal.crop_to_loss_size(image, box, 16)
@@ -1564,7 +1565,7 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     # The demo's CRF loss is the flood (weak unary): labels are refined with the paper's CRF instead.
     assert ck["model_args"]["img_size"] == 96 and ck["label_defaults"] == dict(
-        train.DEMO_LABEL, crf_iters=100, crf_size=48, crf_zeta=0.5, crf_omega=2.0)
+        train.DEMO_LABEL, crf_iters=100, crf_size=48, crf_zeta=0.5, crf_omega=2.0, crf_unary=0.3)
     assert not os.path.exists(tmp_path / "never")
 
 
@@ -2172,7 +2173,7 @@ def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_pa
 def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_path, capsys):
     ck = torch.load(world / "tiny.pt", weights_only=True)
     recipe = dict(net="teacher", thr=0.3, expand=0.1, flip=True, crf_refine=True, crf_iters=3, crf_size=16,
-                  crf_zeta=0.4, crf_omega=1.5)
+                  crf_zeta=0.4, crf_omega=1.5, crf_unary=0.5)
     torch.save(dict(ck, label_defaults=recipe), tmp_path / "r.pt")
     argv = lambda out, *x: [*_argv(world, out, "--keep-parts"), "--ckpt", str(tmp_path / "r.pt"), *x]  # noqa: E731
     label.main(argv(tmp_path / "a.json"))
