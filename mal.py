@@ -481,8 +481,9 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weig
     more easily the smaller τ is.
     Says once per device type which path runs (and why, when it falls back). Never builds a graph."""
     if unary_weight != 1.0:
-        p = prob.clamp(1e-6, 1 - 1e-6)
-        prob = torch.sigmoid(unary_weight * (torch.log(p) - torch.log1p(-p)))
+        with torch.no_grad():
+            p = prob.clamp(1e-6, 1 - 1e-6)
+            prob = torch.sigmoid(unary_weight * (torch.log(p) - torch.log1p(-p)))
     dev = prob.device.type
     if not use_crf_kernel:
         with torch.no_grad():
@@ -509,14 +510,14 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weig
 def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0, size=None):
     """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l).
 
-    unary_weight τ scales the unary of Eq. 3 (as in refine) and size is the resolution the mean field
-    runs at (default: the loss's; its labels are resized back). With τ = 1
-    the mean field is a local majority vote that moves the mask's edges to nearby colour edges but
-    keeps a region the network fills with confidence, such as the concavity of a crescent. With a
-    weak unary (τ ~ 1e-4) and ω near the critical 1/(4k̄) (0.25 for 8 neighbours of affinity ~1) it
-    becomes a slow diffusion: the crop outside the box, held at background, floods every region
-    connected to it through similar colours, and regions closed off by colour edges follow the
-    network. That takes ~L² iterations to reach L pixels deep, hence the lower resolution."""
+    unary_weight τ scales the unary of Eq. 3 (as in refine) and size is the resolution the mean
+    field runs at (default: the loss's; its labels are resized back). With τ = 1 the mean field is a
+    local majority vote that moves the mask's edges to nearby colour edges but keeps a region the
+    network fills with confidence, such as the concavity of a crescent. With a weak unary (τ ~ 1e-4)
+    and ω near the critical 1/(4k̄) (0.25 for 8 neighbours of affinity ~1) it becomes a slow
+    diffusion: the crop outside the box, held at background, floods every region connected to it
+    through similar colours, and regions closed off by colour edges follow the network. That takes
+    ~L² iterations to reach L pixels deep, hence the lower resolution."""
     with torch.no_grad():
         avg = (prob.detach() + teacher_prob) / 2
         S = avg.shape[-1]

@@ -249,6 +249,6 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute, int va
   do {                                                                        \
     const cudaError_t mf_err = (expr);                                        \
     TORCH_CHECK(mf_err == cudaSuccess, "CUDA error (emulated): ", #expr,     \
-                " returned ", std::to_string(static_cast<int>(mf_err)));                      \
+                " returned ", std::to_string(static_cast<int>(mf_err)));     \
   } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ::cuda_emu::check_launch()
