@@ -74,27 +74,53 @@ def paste_mask(prob, crop_box, img_h, img_w, thr=0.5, box=None):
     u = (x + 0.5 - x0)·w/(x1 - x0) - 0.5, the inverse of the crop mapping; it is on iff that
     probability is > thr, its centre lies inside the crop box, and inside `box` (xyxy) when given.
     """
-    x0, y0, x1, y1 = (float(v) for v in crop_box)
     out = np.zeros((img_h, img_w), dtype=bool)
+    ya, xa, region = paste_region(prob, crop_box, img_h, img_w, thr, box)
+    out[ya:ya + region.shape[0], xa:xa + region.shape[1]] = region
+    return out
+
+
+def paste_region(prob, crop_box, img_h, img_w, thr=0.5, box=None):
+    """paste_mask's mask as (ya, xa, region): the pixels it can set (the crop box within `box` and the
+    image) start at row ya, column xa; all others are off. Labeling works on the region alone."""
+    x0, y0, x1, y1 = (float(v) for v in crop_box)
     bx0, by0, bx1, by1 = (x0, y0, x1, y1) if box is None else (float(v) for v in box)
     xa, xb = _pixel_span(max(x0, bx0), min(x1, bx1), img_w)
     ya, yb = _pixel_span(max(y0, by0), min(y1, by1), img_h)
     if xa >= xb or ya >= yb or x1 <= x0 or y1 <= y0:
-        return out
+        return 0, 0, np.zeros((0, 0), dtype=bool)
     # grid_sample with align_corners=False maps -1/+1 to the outer edges of the map: exactly our mapping.
-    gx = (torch.arange(xa, xb, dtype=torch.float64) + 0.5 - x0) / (x1 - x0) * 2 - 1
-    gy = (torch.arange(ya, yb, dtype=torch.float64) + 0.5 - y0) / (y1 - y0) * 2 - 1
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).float()[None]
+    grid = torch.empty(1, yb - ya, xb - xa, 2)
+    grid[..., 0] = (torch.arange(xa, xb, dtype=torch.float64) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    grid[..., 1] = ((torch.arange(ya, yb, dtype=torch.float64) + 0.5 - y0) / (y1 - y0) * 2 - 1)[:, None]
     p = F.grid_sample(prob.float()[None, None].cpu(), grid, mode="bilinear", padding_mode="border",
                       align_corners=False)[0, 0]
-    out[ya:yb, xa:xb] = (p > thr).numpy()
-    return out
+    return ya, xa, (p > thr).numpy()
 
 
 def encode(mask):
     """np.bool_ [H, W] -> COCO compressed RLE with `counts` as str (JSON-ready)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def encode_region(ya, xa, region, img_h, img_w):
+    """encode() of the [img_h, img_w] mask that is `region` at (ya, xa) and off elsewhere, without
+    making that mask: COCO's RLE runs down the columns, so its runs are those of the on pixels'
+    positions x·img_h + y, read off their gaps: work for the region's pixels, not the image's."""
+    xs, ys = np.nonzero(region.T)  # column-major order
+    pos = (xs.astype(np.int64) + xa) * img_h + ys + ya
+    if pos.size == 0:
+        counts = [img_h * img_w]
+    else:
+        cut = np.flatnonzero(np.diff(pos) != 1) + 1
+        starts, ends = pos[np.r_[0, cut]], pos[np.r_[cut - 1, pos.size - 1]] + 1
+        counts = np.empty(2 * starts.size + 1, np.int64)  # off, on, off, on, ..., on, off
+        counts[0], counts[1::2], counts[-1] = starts[0], ends - starts, img_h * img_w - ends[-1]
+        counts[2:-1:2] = starts[1:] - ends[:-1]
+        counts = counts.tolist()[:-1] if counts[-1] == 0 else counts.tolist()
+    rle = mask_utils.frPyObjects({"size": [img_h, img_w], "counts": counts}, img_h, img_w)
+    return {"size": [img_h, img_w], "counts": rle["counts"].decode("ascii")}
 
 
 def xywh_to_xyxy(b):
@@ -305,9 +331,10 @@ def _paste_batch(prob, score, event, metas, thr):
         event.synchronize()
     out = {}
     for p, s, (ann_id, crop_box, box, H, W) in zip(prob, score.tolist(), metas):
-        m = paste_mask(p, crop_box, H, W, thr, box)
+        ya, xa, region = paste_region(p, crop_box, H, W, thr, box)
         # 4 decimals: an estimate needs no more, and the last float bits may differ between batchings.
-        out[ann_id] = {"segmentation": encode(m), "area": int(m.sum()), "mask_score": round(s, 4)}
+        out[ann_id] = {"segmentation": encode_region(ya, xa, region, H, W), "area": int(region.sum()),
+                       "mask_score": round(s, 4)}
     return out
 
 

@@ -1930,6 +1930,33 @@ def test_paste_mask_inverts_data_crop_mapping():
     assert np.array_equal(np.argwhere(m), np.argwhere(np.pad(one.numpy() > 0.5, ((20, 4), (10, 12)))))
 
 
+def test_region_paste_and_encode_match_the_whole_image():
+    """paste_region + encode_region (what labeling runs) give paste_mask + encode's RLE and area, on
+    random regions of random images, a region that starts at pixel 0 or ends at the last pixel, the
+    whole image, and an empty one."""
+    rng = np.random.default_rng(0)
+    cases = [(5, 7, 0, 0, np.ones((5, 7), bool)), (5, 7, 2, 3, np.ones((3, 4), bool)),
+             (5, 7, 0, 0, np.zeros((0, 0), bool)), (5, 7, 1, 1, np.zeros((2, 2), bool))]
+    for k in range(400):
+        H, W = (int(v) for v in rng.integers(1, 30, 2))
+        ya, xa = int(rng.integers(0, H)), int(rng.integers(0, W))
+        h, w = int(rng.integers(0, H - ya + 1)), int(rng.integers(0, W - xa + 1))
+        cases.append((H, W, ya, xa, rng.random((h, w)) < (0.05, 0.5, 0.95)[k % 3]))
+    for H, W, ya, xa, region in cases:
+        full = np.zeros((H, W), bool)
+        full[ya:ya + region.shape[0], xa:xa + region.shape[1]] = region
+        assert label.encode_region(ya, xa, region, H, W) == label.encode(full), (H, W, ya, xa, region)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x0, y0 = (float(v) for v in torch.rand(2, generator=g) * 40 - 10)
+        crop = (x0, y0, x0 + 5 + 40 * float(torch.rand(1, generator=g)), y0 + 5 + 30 * float(torch.rand(1, generator=g)))
+        box = (crop[0] + 2, crop[1] + 1, crop[2] - 1, crop[3] - 2)
+        prob = torch.rand(6, 7, generator=g)
+        full = label.paste_mask(prob, crop, 30, 40, 0.5, box)
+        ya, xa, region = label.paste_region(prob, crop, 30, 40, 0.5, box)
+        assert label.encode_region(ya, xa, region, 30, 40) == label.encode(full) and region.sum() == full.sum()
+
+
 class Oracle(torch.nn.Module):
     """Stands in for MAL: logits from the crop's colour (the object is pure red), at half resolution."""
 
