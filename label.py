@@ -67,22 +67,15 @@ def box_mask(box_xyxy, img_h, img_w):
     return m
 
 
-def paste_mask(prob, crop_box, img_h, img_w, thr=0.5, box=None):
-    """prob [h, w] (any resolution) over crop_box (x0, y0, x1, y1, image pixels) -> np.bool_ [img_h, img_w].
+def paste_region(prob, crop_box, img_h, img_w, thr=0.5, box=None):
+    """prob [h, w] (any resolution) over crop_box (x0, y0, x1, y1, image pixels) -> the mask it
+    pastes into an [img_h, img_w] image, as (ya, xa, region): np.bool_ region holds the pixels it can
+    set (the crop box within `box` and the image) from row ya, column xa; all others are off.
 
     Image pixel (x, y) samples prob bilinearly (edges clamped) at crop coordinates
     u = (x + 0.5 - x0)·w/(x1 - x0) - 0.5, the inverse of the crop mapping; it is on iff that
     probability is > thr, its centre lies inside the crop box, and inside `box` (xyxy) when given.
     """
-    out = np.zeros((img_h, img_w), dtype=bool)
-    ya, xa, region = paste_region(prob, crop_box, img_h, img_w, thr, box)
-    out[ya:ya + region.shape[0], xa:xa + region.shape[1]] = region
-    return out
-
-
-def paste_region(prob, crop_box, img_h, img_w, thr=0.5, box=None):
-    """paste_mask's mask as (ya, xa, region): the pixels it can set (the crop box within `box` and the
-    image) start at row ya, column xa; all others are off. Labeling works on the region alone."""
     x0, y0, x1, y1 = (float(v) for v in crop_box)
     bx0, by0, bx1, by1 = (x0, y0, x1, y1) if box is None else (float(v) for v in box)
     xa, xb = _pixel_span(max(x0, bx0), min(x1, bx1), img_w)
@@ -105,9 +98,10 @@ def encode(mask):
 
 
 def encode_region(ya, xa, region, img_h, img_w):
-    """encode() of the [img_h, img_w] mask that is `region` at (ya, xa) and off elsewhere, without
-    making that mask: COCO's RLE runs down the columns, so its runs are those of the on pixels'
-    positions x·img_h + y, read off their gaps: work for the region's pixels, not the image's."""
+    """encode() of the [img_h, img_w] mask that is `region` at (ya, xa) and off elsewhere (as
+    paste_region gives it), without making that mask: COCO's RLE runs down the columns, so its runs
+    are those of the on pixels' positions x·img_h + y, read off their gaps: work for the region's
+    pixels, not the image's."""
     xs, ys = np.nonzero(region.T)  # column-major order
     pos = (xs.astype(np.int64) + xa) * img_h + ys + ya
     if pos.size == 0:

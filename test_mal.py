@@ -1899,13 +1899,21 @@ def _run(args, env=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_paste_mask_inverts_data_crop_mapping():
+def paste_mask(prob, crop_box, H, W, thr=0.5, box=None):
+    """label.paste_region's mask, in its whole [H, W] image."""
+    out = np.zeros((H, W), bool)
+    ya, xa, region = label.paste_region(prob, crop_box, H, W, thr, box)
+    out[ya:ya + region.shape[0], xa:xa + region.shape[1]] = region
+    return out
+
+
+def test_paste_region_inverts_data_crop_mapping():
     """Every image pixel samples the crop at data.image_to_crop of its centre (bilinear, clamped)."""
     g = torch.Generator().manual_seed(0)
     prob = torch.rand(12, 9, generator=g)
     crop = (3.3, 5.7, 30.1, 41.9)
     H, W = 50, 40
-    got = label.paste_mask(prob, crop, H, W, thr=0.5)
+    got = paste_mask(prob, crop, H, W, thr=0.5)
     p = prob.double().numpy()
     ref, near = np.zeros((H, W), bool), np.zeros((H, W), bool)
     for y in range(H):
@@ -1923,17 +1931,17 @@ def test_paste_mask_inverts_data_crop_mapping():
     assert ref.any() and (~ref).any()
     assert np.array_equal(got & ~near, ref & ~near)
     # A box restricts the mask to its pixel centres; an identity crop pastes pixel for pixel.
-    assert not label.paste_mask(torch.ones(4, 4), crop, H, W, 0.5, box=(10, 10, 20, 20))[:, :10].any()
+    assert not paste_mask(torch.ones(4, 4), crop, H, W, 0.5, box=(10, 10, 20, 20))[:, :10].any()
     one = torch.zeros(6, 8)
     one[2:4, 1:7] = 1
-    m = label.paste_mask(one, (10, 20, 18, 26), 30, 30, 0.5)
+    m = paste_mask(one, (10, 20, 18, 26), 30, 30, 0.5)
     assert np.array_equal(np.argwhere(m), np.argwhere(np.pad(one.numpy() > 0.5, ((20, 4), (10, 12)))))
 
 
-def test_region_paste_and_encode_match_the_whole_image():
-    """paste_region + encode_region (what labeling runs) give paste_mask + encode's RLE and area, on
+def test_encode_region_matches_encoding_the_whole_image():
+    """encode_region (what labeling runs) gives encode's RLE of the whole-image mask, on
     random regions of random images, a region that starts at pixel 0 or ends at the last pixel, the
-    whole image, and an empty one."""
+    whole image, an empty one, and the regions paste_region gives for random crops and boxes."""
     rng = np.random.default_rng(0)
     cases = [(5, 7, 0, 0, np.ones((5, 7), bool)), (5, 7, 2, 3, np.ones((3, 4), bool)),
              (5, 7, 0, 0, np.zeros((0, 0), bool)), (5, 7, 1, 1, np.zeros((2, 2), bool))]
@@ -1952,7 +1960,7 @@ def test_region_paste_and_encode_match_the_whole_image():
         crop = (x0, y0, x0 + 5 + 40 * float(torch.rand(1, generator=g)), y0 + 5 + 30 * float(torch.rand(1, generator=g)))
         box = (crop[0] + 2, crop[1] + 1, crop[2] - 1, crop[3] - 2)
         prob = torch.rand(6, 7, generator=g)
-        full = label.paste_mask(prob, crop, 30, 40, 0.5, box)
+        full = paste_mask(prob, crop, 30, 40, 0.5, box)
         ya, xa, region = label.paste_region(prob, crop, 30, 40, 0.5, box)
         assert label.encode_region(ya, xa, region, 30, 40) == label.encode(full) and region.sum() == full.sum()
 

@@ -52,7 +52,7 @@ def label_defaults(args):
     """label.py's test-time settings for this run: the recipe's, refining (when it does) with the
     training loss's CRF at the loss size, or when the loss's has a weak unary (a flood of the box's
     outside, for pseudo-labels, not for snapping a good mask to its edges) with the paper's CRF at a
-    unary weight of 0.3: +0.007 to +0.013 mIoU over 1 on five demo-recipe models (QUALITY.md)."""
+    unary weight of 0.3: +0.007 to +0.013 mIoU over 1 on six demo-recipe models (QUALITY.md)."""
     paper_crf = args.crf_unary != 1.0
     return dict(DEMO_LABEL if args.demo else LABEL, crf_iters=100 if paper_crf else args.crf_iters,
                 crf_size=args.loss_size, crf_zeta=0.5 if paper_crf else args.zeta,
