@@ -106,22 +106,25 @@ def crf_rows(device, quick, repeats):
     return rows
 
 
-def train_rows(device, quick, repeats, batch, profile=False):
+def train_rows(device, quick, repeats, batch, profile=False, compile=False):
     """One whole training step, as train.py runs it, ours vs naive (reference CRF, plain attention).
-    profile: also print torch.profiler's top operators of one step of ours (where the time goes)."""
+    profile: also print torch.profiler's top operators of one step of ours (where the time goes).
+    compile: also time ours with both networks under torch.compile (train.py --compile)."""
     if quick or (device.type == "cpu" and not profile):
         arch, depth, S, p, batch, loss_size, iters = "vit_tiny", 4, 128, 8, batch or 8, 64, 20
     else:
         arch, depth, S, p, batch, loss_size, iters = "vit_base", None, 512, 16, batch or 32, 128, 100
     rate = matmul_rate(device, quick)
     rows = []
-    for name, fused, kernel in (("ours", True, True), ("naive", False, False)):
+    variants = [("ours", True, True, False), ("naive", False, False, False)]
+    for name, fused, kernel, compiled in variants + ([("ours, torch.compile", True, True, True)] if compile else []):
         mal.Attention.fused, mal.use_crf_kernel = fused, kernel
         torch.manual_seed(0)
         net = mal.MAL(arch, patch_size=p, img_size=S, depth=depth).to(device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         teacher = mal.make_teacher(net)
+        run_net, run_teacher = (torch.compile(net), torch.compile(teacher)) if compiled else (net, teacher)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.9), fused=device.type == "cuda")
         x = torch.randn(batch, 3, S, S, device=device)
         box = torch.zeros(batch, S, S, device=device)
@@ -131,8 +134,8 @@ def train_rows(device, quick, repeats, batch, profile=False):
         def step():
             with autocast:
                 with torch.no_grad():
-                    t_logits = teacher(x)
-                loss, _ = mal.mal_loss(net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size, crf_iters=iters)
+                    t_logits = run_teacher(x)
+                loss, _ = mal.mal_loss(run_net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size, crf_iters=iters)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -140,7 +143,12 @@ def train_rows(device, quick, repeats, batch, profile=False):
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t = timeit(step, device, repeats, warmup=2)
+        t0 = time.perf_counter()
+        step()  # the first step: where torch.compile compiles
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t = timeit(step, device, repeats, warmup=1)
         if profile and name == "ours":
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with torch.profiler.profile(activities=acts) as prof:
@@ -151,11 +159,13 @@ def train_rows(device, quick, repeats, batch, profile=False):
             print(prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr)
         mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         rows.append(dict(workload=f"train step {arch}/{p} {S}px B={batch} ({name})", unit="crops/s",
-                         ours=batch / t, peak_mem_gib=mem, mfu=model_flops(net, S, batch) / t / rate))
+                         ours=batch / t, peak_mem_gib=mem, mfu=model_flops(net, S, batch) / t / rate,
+                         note=f"first step {first:.1f} s"))
     mal.Attention.fused, mal.use_crf_kernel = True, True
-    rows[0].update(reference=rows[1]["ours"], ratio=rows[0]["ours"] / rows[1]["ours"])
+    for r in rows[:1] + rows[2:]:
+        r.update(reference=rows[1]["ours"], ratio=r["ours"] / rows[1]["ours"])
     rows[0]["matmul_tflops"] = rate / 1e12
-    return rows[:1] + [rows[1]]
+    return rows
 
 
 def label_rows(device, quick, workers):
@@ -172,6 +182,12 @@ def label_rows(device, quick, workers):
     run = lambda: label.label_dataset([net], images, boxes["todo"], coco["images"], device,  # noqa: E731
                                       batch_size=64 if device.type == "cuda" else 16, workers=workers)
     t = timeit(run, device, repeats=1 if not quick else 2, warmup=1)
+    # The network's share: label.predict on one batch of pinned crops (host->device copy, forward, sigmoid).
+    B = 64 if device.type == "cuda" else 16
+    pin = lambda t: t.pin_memory() if device.type == "cuda" else t  # noqa: E731
+    crops, bms = pin(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)), pin(torch.ones(B, S, S))
+    with torch.no_grad():
+        fwd = B / timeit(lambda: label.predict([net], crops, bms, device), device, repeats=5 if quick else 20)
     ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes["todo"].items()},
                          coco["images"], S)
     box_of = {a["id"]: label.xywh_to_xyxy(a["bbox"]) for v in boxes["todo"].values() for a in v}
@@ -194,6 +210,7 @@ def label_rows(device, quick, workers):
     paste = len(metas) / (time.perf_counter() - t0)
     return [dict(workload=f"label end to end {arch}/{p} {S}px, {len(images)} JPEGs 640x480", unit="boxes/s",
                  ours=n_boxes / t, note=f"{workers} workers"),
+            dict(workload=f"label network alone (predict), B={B}", unit="crops/s", ours=fwd),
             dict(workload=f"label data loading alone, {S}px crops", unit="crops/s per worker", ours=load),
             dict(workload=f"label paste + RLE alone, {h}x{w} masks into 640x480", unit="masks/s per thread",
                  ours=paste)]
@@ -210,6 +227,7 @@ def main():
     p.add_argument("--json", default="bench.json", help="where to write the rows")
     p.add_argument("--profile", action="store_true", help="print the top operators of one training step "
                    "(at full size, ViT-B/16 512², also on CPU)")
+    p.add_argument("--compile", action="store_true", help="also time the training step under torch.compile")
     args = p.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (5 if args.quick else 20)
@@ -218,7 +236,7 @@ def main():
     if "crf" in only:
         rows += crf_rows(device, args.quick, repeats)
     if "train" in only:
-        rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch, args.profile)
+        rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch, args.profile, args.compile)
     if "label" in only:
         rows += label_rows(device, args.quick, args.workers)
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",

@@ -917,14 +917,11 @@ def dist_setup(args):
     """(rank, world, device) from torchrun's env; one process without torchrun works too."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local}")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        import train
+        device = train.local_cuda_device(local if device.index is None else device.index)
     if world > 1:
         import datetime
         torch.distributed.init_process_group(

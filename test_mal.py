@@ -818,6 +818,7 @@ BAD = [
 def test_bad_inputs_raise(make, msg, device):
     """A one-line error with the offending numbers in it, on either device (building such a message
     once crashed the process: crf_ext/op_common.h)."""
+    assert crf_ext.available(device), crf_ext.unavailable_reason(device)  # loads (registers) the device's kernel
     img, prob, box = (t.to(device) for t in make_inputs(2, 3, 8, 9, "smooth", True))
     with pytest.raises(RuntimeError, match=msg):
         torch.ops.mal.mean_field(*make(img, prob, box))
@@ -1582,6 +1583,16 @@ def test_help_gives_the_defaults(capsys):
     assert "views:\n  --images DIR alone " in out  # pretrain.py's epilog keeps its layout
 
 
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    label_args = label.get_args(["--ckpt", "c", "--json", "j", "--images", "i", "--out", "o", "--device", "cuda"])
+    for start in (lambda: train.init_distributed("cuda"), lambda: label.dist_setup(label_args)):
+        with pytest.raises(SystemExit, match=r"^cuda:1 asked for, but this node has 1 CUDA device\(s\): "
+                                             r".*--nproc_per_node 1"):
+            start()
+
+
 def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(HERE, "train.py"), *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")]
@@ -1887,8 +1898,11 @@ def world(tmp_path_factory):
 
 
 def _argv(w, out, *extra):
+    # On the CPU on any machine: these compare bytes across runs and ranks (two gloo ranks on one GPU
+    # are refused) and check the fingerprint's device.
     return ["--ckpt", str(w / "tiny.pt"), "--json", str(w / "boxes.json"), "--images", str(w / "img"),
-            "--out", str(out), "--chunk-images", "2", "--batch-size", "4", "--workers", "0", "--quiet", *extra]
+            "--out", str(out), "--chunk-images", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+            "--quiet", *extra]
 
 
 def _run(args, env=None):

@@ -163,6 +163,18 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+def local_cuda_device(index):
+    """cuda:index (torchrun's LOCAL_RANK), made current; a one-line error where a node runs more ranks
+    than it has GPUs (two ranks on one GPU would otherwise fail inside NCCL, or wait on each other)."""
+    n = torch.cuda.device_count()
+    if index >= n:
+        raise SystemExit(f"cuda:{index} asked for, but this node has {n} CUDA device(s): start at most {n} "
+                         f"process(es) per node (torchrun --nproc_per_node {max(n, 1)}) or pass --device cpu")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(device):
     """(ddp, rank, world, device) from torchrun's environment, a single process without it. Under
     torchrun this joins the process group (nccl on CUDA, gloo on CPU); CUDA means cuda:LOCAL_RANK."""
@@ -170,8 +182,7 @@ def init_distributed(device):
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        device = local_cuda_device(local_rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ddp, rank, world, device
