@@ -185,7 +185,7 @@ def label_rows(device, quick, workers):
     # The network's share: label.predict on one batch of pinned crops (host->device copy, forward, sigmoid).
     B = 64 if device.type == "cuda" else 16
     pin = lambda t: t.pin_memory() if device.type == "cuda" else t  # noqa: E731
-    crops, bms = pin(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)), pin(torch.ones(B, S, S))
+    crops, bms = pin(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)), pin(torch.ones(B, S, S, dtype=torch.bool))
     with torch.no_grad():
         fwd = B / timeit(lambda: label.predict([net], crops, bms, device), device, repeats=5 if quick else 20)
     ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes["todo"].items()},

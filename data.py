@@ -542,7 +542,7 @@ def collate_boxes(samples):
 class ImageBoxes(torch.utils.data.Dataset):
     """images: list of dicts (id, file_name, width, height); boxes_by_image: image_id -> list of
     (ann_id, bbox_xywh). Item dict: image_id, file_name, width, height (decoded size, or the JSON's
-    when the image failed), ann_ids LongTensor [n], crops uint8 [n,3,S,S], box_masks float [n,S,S],
+    when the image failed), ann_ids LongTensor [n], crops uint8 [n,3,S,S], box_masks bool [n,S,S],
     crop_boxes float64 [n,4] (clamped crops, xyxy; mapping as in roi_crop), error (None or
     "<path>: <reason>" for a missing/corrupt image or a size that differs from the JSON),
     bad: [(ann_id, reason)] for EVERY box that got no crop — degenerate boxes, and all the boxes
@@ -586,12 +586,13 @@ class ImageBoxes(torch.utils.data.Dataset):
                 continue
             box = _clip_box((x, y, x + w, y + h), W, H)
             c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, self.t), S)
-            crops.append(c), masks.append(m), used.append(cu), ann_ids.append(ann_id)
+            # bool: a quarter of float32's bytes through the loader's queue, the batch and the copy to the GPU
+            crops.append(c), masks.append(m.bool()), used.append(cu), ann_ids.append(ann_id)
         return dict(
             image_id=entry["id"], file_name=entry["file_name"], width=W, height=H,
             ann_ids=torch.tensor(ann_ids, dtype=torch.int64),
             crops=torch.stack(crops) if crops else torch.empty(0, 3, S, S, dtype=torch.uint8),
-            box_masks=torch.stack(masks) if masks else torch.empty(0, S, S),
+            box_masks=torch.stack(masks) if masks else torch.empty(0, S, S, dtype=torch.bool),
             crop_boxes=torch.tensor(used, dtype=torch.float64).reshape(-1, 4),
             error=error, bad=bad)
 

@@ -389,7 +389,7 @@ def label_stream(nets, images, todo, image_dir, *, device, size=None, groups=Non
     def run_batch(items):
         crops = torch.empty((len(items), 3, size, size), dtype=torch.uint8, pin_memory=cuda)
         torch.stack([it[0] for it in items], out=crops)
-        bms = torch.empty((len(items), size, size), pin_memory=cuda)
+        bms = torch.empty((len(items), size, size), dtype=torch.bool, pin_memory=cuda)
         torch.stack([it[1] for it in items], out=bms)
         prob, score = predict(nets, crops, bms, device, **opts)
         if cuda:  # async copy into pinned memory; the paste thread waits on the event, not us

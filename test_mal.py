@@ -1375,7 +1375,8 @@ def test_image_boxes_reports_errors_and_bad_boxes(tmp_path):
     it = ds[0]
     assert it["error"] is None and it["ann_ids"].tolist() == [1, 5] and (it["width"], it["height"]) == (100, 80)
     assert it["crops"].shape == (2, 3, 24, 24) and it["crops"].dtype == torch.uint8
-    assert it["box_masks"].shape == (2, 24, 24) and it["crop_boxes"].dtype == torch.float64
+    assert it["box_masks"].shape == (2, 24, 24) and it["box_masks"].dtype == torch.bool
+    assert it["crop_boxes"].dtype == torch.float64
     assert [a for a, _ in it["bad"]] == [2, 3, 4] and all(isinstance(r, str) and r for _, r in it["bad"])
     for k, what in ((1, "missing.jpg"), (2, "bad.jpg"), (3, "decoded size")):
         it = ds[k]
