@@ -130,12 +130,24 @@ def _clamp_interval(a, b, length, min_side=1.0):
     return a, b
 
 
-def clamp_crop(crop_xyxy, width, height):
-    """The expanded crop box clamped to the image (see roi_crop for why clamp, not pad)."""
+def pad_crop(crop_xyxy, width, height, size):
+    """The expanded crop box as a size x size crop samples it. Where it leaves the image the crop is
+    padded (see roi_crop) by whole crop pixels: those sides move by under half a pixel so that the
+    image's edge falls on a pixel boundary. The mapping above holds for the returned box."""
     x0, y0, x1, y1 = (float(v) for v in crop_xyxy)
-    x0, x1 = _clamp_interval(x0, x1, width)
-    y0, y1 = _clamp_interval(y0, y1, height)
+    x0, x1 = _pad_interval(x0, x1, width, size)
+    y0, y1 = _pad_interval(y0, y1, height, size)
     return (x0, y0, x1, y1)
+
+
+def _pad_interval(a, b, length, size):
+    """pad_crop along one axis: [a, b] over `size` pixels -> [a', b'] with whole pixels outside [0, length]."""
+    ia, ib = _clamp_interval(a, b, length)  # the part inside the image, at least 1 px
+    step = (b - a) / size
+    before = min(max(round((ia - a) / step), 0), size - 1)
+    after = min(max(round((b - ib) / step), 0), size - 1 - before)
+    step = (ib - ia) / (size - before - after)
+    return ia - before * step, ib + after * step
 
 
 def _axis_mask(lo, hi, c0, c1, size):
@@ -161,22 +173,37 @@ def _pil_to_tensor(img):
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+# Outside the image the crop is the mean colour, which the network sees as 0 after normalize().
+PAD_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
 def _crop_pil(img, crop_used, size):
     # Crop and resize in one call; PIL's bilinear filter widens its support when shrinking,
-    # so downscaled crops are antialiased.
-    return img.resize((size, size), Image.BILINEAR, box=crop_used)
+    # so downscaled crops are antialiased. Where crop_used leaves the image (pad_crop), the part
+    # inside is resized onto its whole crop pixels of a canvas in the pad colour (masks: 0).
+    x0, y0, x1, y1 = crop_used
+    W, H = img.size
+    if x0 >= 0 and y0 >= 0 and x1 <= W and y1 <= H:
+        return img.resize((size, size), Image.BILINEAR, box=crop_used)
+    left, top = round(max(-x0, 0) * size / (x1 - x0)), round(max(-y0, 0) * size / (y1 - y0))
+    right, bottom = round(max(x1 - W, 0) * size / (x1 - x0)), round(max(y1 - H, 0) * size / (y1 - y0))
+    canvas = Image.new(img.mode, (size, size), PAD_RGB if img.mode == "RGB" else 0)
+    inside = img.resize((size - left - right, size - top - bottom), Image.BILINEAR,
+                        box=(max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)))
+    canvas.paste(inside, (left, top))
+    return canvas
 
 
 def roi_crop(img, box_xyxy, crop_xyxy, size):
     """§3.1: crop `crop_xyxy` (the expanded box) from `img` and resize it to size x size.
 
-    The crop is CLAMPED to the image rather than padded: a constant-colour pad would put a sharp
-    artificial edge into the crop, which the CRF's colour affinity (§3.3) would read as an object
-    boundary; clamping keeps only real pixels (the crop's aspect ratio changes instead, as the
-    resize to a square already does). Returns (crop uint8 [3,S,S], box_mask float [S,S],
-    crop_used xyxy floats); see the mapping above.
+    Where the expanded box leaves the image the crop is padded with the mean colour (pad_crop), not
+    clamped to the image: clamping would put a box at the image's edge against the crop's edge,
+    where the network otherwise sees only neighbours cut off by the crop (background), and it drops
+    the object's part there. The pad lies outside the box, so the losses hold it at background.
+    Returns (crop uint8 [3,S,S], box_mask float [S,S], crop_used xyxy floats); see the mapping above.
     """
-    crop_used = clamp_crop(crop_xyxy, *img.size)
+    crop_used = pad_crop(crop_xyxy, *img.size, size)
     crop = _pil_to_tensor(_crop_pil(img, crop_used, size))
     return crop, box_mask_in_crop(box_xyxy, crop_used, size), crop_used
 
@@ -286,7 +313,7 @@ class BoxDataset(torch.utils.data.Dataset):
 
     Sample dict: image (uint8 [3,S,S], task-network input: flip + jitter/grey/blur),
     teacher_image (uint8 [3,S,S], same crop and flip, no colour augmentation), box_mask (float [S,S]),
-    valid (bool), ann_id, image_id, index (ints), crop_box (float64 [4], clamped crop in image
+    valid (bool), ann_id, image_id, index (ints), crop_box (float64 [4], the crop (pad_crop) in image
     coordinates), flipped (bool: image, teacher_image and box_mask are mirrored; u -> S-1-u).
 
     Randomness: train mode draws the §3.1 expansion (mal.expand_box), flip and augmentation from a
@@ -446,7 +473,7 @@ class BoxDataset(torch.utils.data.Dataset):
         rle = self.segmentations[i]
         rle = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"])
         m = Image.fromarray(mask_utils.decode(rle) * np.uint8(255), "L")
-        m = m.resize((self.size, self.size), Image.BILINEAR, box=crop_used)
+        m = _crop_pil(m, crop_used, self.size)
         if flipped:
             m = m.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.array(m, dtype=np.float32) / 255.0)
@@ -467,7 +494,7 @@ class BoxDataset(torch.utils.data.Dataset):
         else:
             crop_box = mal.expand_box_fixed(box, self.t)
             u = [1.0] * 9  # no flip, no augmentation
-        crop_used = clamp_crop(crop_box, *img.size)
+        crop_used = pad_crop(crop_box, *img.size, self.size)
         crop_pil = _crop_pil(img, crop_used, self.size)
         mask = box_mask_in_crop(box, crop_used, self.size)
         flipped = u[0] < 0.5
@@ -543,7 +570,7 @@ class ImageBoxes(torch.utils.data.Dataset):
     """images: list of dicts (id, file_name, width, height); boxes_by_image: image_id -> list of
     (ann_id, bbox_xywh). Item dict: image_id, file_name, width, height (decoded size, or the JSON's
     when the image failed), ann_ids LongTensor [n], crops uint8 [n,3,S,S], box_masks bool [n,S,S],
-    crop_boxes float64 [n,4] (clamped crops, xyxy; mapping as in roi_crop), error (None or
+    crop_boxes float64 [n,4] (crops as pad_crop gives them, xyxy; mapping as in roi_crop), error (None or
     "<path>: <reason>" for a missing/corrupt image or a size that differs from the JSON),
     bad: [(ann_id, reason)] for EVERY box that got no crop — degenerate boxes, and all the boxes
     of an image with an error. Crops use mal.expand_box_fixed(box, t), no flip."""

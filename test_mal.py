@@ -1145,14 +1145,29 @@ def test_roi_crop_mapping_identity_and_tiny_box():
     assert mask.nonzero()[:, 0].unique().tolist() == list(range(2, 10))
     _, m, _ = data.roi_crop(img, (10.2, 10.2, 10.3, 10.25), (0, 0, 48, 32), 8)  # thinner than a pixel
     assert m.sum() == 1
-    _, _, used = data.roi_crop(img, (40, 20, 46, 30), (30, 10, 60, 40), 8)  # clamped, not padded
-    assert used == (30.0, 10.0, 48.0, 32.0)
+    # padded, not clamped: 3.2 and 2.1 crop pixels leave the image -> 3 and 2 whole pad pixels,
+    # the far edges moved so that the image's edges fall on pixel boundaries
+    _, _, used = data.roi_crop(img, (40, 20, 46, 30), (30, 10, 60, 40), 8)
+    assert used[:2] == (30.0, 10.0) and used[2:] == pytest.approx((48 + 3 * 18 / 5, 32 + 2 * 22 / 6))
 
 
 def test_roi_crop_exact_at_scale_one():
     a = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     crop, _, _ = data.roi_crop(Image.fromarray(a), (5, 5, 10, 10), (7, 3, 27, 23), 20)
     assert torch.equal(crop, torch.from_numpy(a[3:23, 7:27]).permute(2, 0, 1))
+
+
+def test_roi_crop_pads_outside_the_image():
+    """At scale one the crop is the image's pixels where the expanded box is inside the image and the
+    pad colour (0 after normalize) elsewhere; the box mask stays on the image's pixels."""
+    a = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    crop, mask, used = data.roi_crop(Image.fromarray(a), (0, 0, 5, 5), (-4, -3, 16, 17), 20)
+    assert used == (-4.0, -3.0, 16.0, 17.0)
+    want = torch.tensor(data.PAD_RGB, dtype=torch.uint8).view(3, 1, 1).repeat(1, 20, 20)
+    want[:, 3:, 4:] = torch.from_numpy(a[:17, :16]).permute(2, 0, 1)
+    assert torch.equal(crop, want)
+    assert data.normalize(crop)[:, 0, 0].abs().max() < 0.01
+    assert mask.nonzero().min(0).values.tolist() == [3, 4] and mask.nonzero().max(0).values.tolist() == [7, 8]
 
 
 @pytest.fixture
@@ -1175,16 +1190,18 @@ def test_box_mask_lines_up_with_crop_eval_and_train(rect_set):
         assert s["valid"] and not s["flipped"] and torch.equal(s["image"], s["teacher_image"])
         _check_mask_matches_colour(s["teacher_image"], s["box_mask"], fg, bg)
     tr = data.BoxDataset(js, root, size=64, train=True, seed=3)
-    flips = set()
+    flips, padded = set(), set()
     for epoch in range(6):
         tr.set_epoch(epoch)
         for i in range(2):
             s = tr[i]
             flips.add(s["flipped"])
-            _check_mask_matches_colour(s["teacher_image"], s["box_mask"], fg, bg)
+            _check_mask_matches_colour(s["teacher_image"], s["box_mask"], fg, bg)  # the pad is nearer bg
             x0, y0, x1, y1 = s["crop_box"].tolist()
-            assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 150
-    assert flips == {True, False}
+            box = ((50, 40, 120, 90), (0, 100, 30, 150))[i]
+            assert x0 <= box[0] < box[2] <= x1 and y0 <= box[1] < box[3] <= y1
+            padded.add((i, x0 < 0 or y0 < 0 or x1 > 200 or y1 > 150))
+    assert flips == {True, False} and padded == {(0, False), (1, True)}  # b.png's box touches the edge
 
 
 def test_gt_mask_crops_follow_the_image_crops(tmp_path):
@@ -1198,14 +1215,17 @@ def test_gt_mask_crops_follow_the_image_crops(tmp_path):
     ann = dict(_ann(1, 1, [20, 10, 50, 35]), segmentation=dict(size=[60, 80], counts=rle["counts"].decode()))
     js = _write_coco(tmp_path / "a.json", [dict(id=1, file_name="a.png", width=80, height=60)], [ann])
     ds = data.BoxDataset(js, str(tmp_path), size=40, train=True, seed=1, color_aug=False, gt_masks=True)
-    flips = set()
+    flips, pads = set(), set()
     for epoch in range(8):
         ds.set_epoch(epoch)
         s = ds[0]
         flips.add(s["flipped"])
-        assert torch.allclose(s["gt_mask"], s["teacher_image"][0].float() / 255, atol=1 / 255)
+        pad = (s["teacher_image"] == torch.tensor(data.PAD_RGB, dtype=torch.uint8).view(3, 1, 1)).all(0)
+        pads.add(bool(pad.any()))  # where the crop leaves the image: the pad colour, and no mask
+        assert not s["gt_mask"][pad].any()
+        assert torch.allclose(s["gt_mask"][~pad], s["teacher_image"][0][~pad].float() / 255, atol=1 / 255)
         assert 0.2 < s["gt_mask"].mean() < 0.8
-    assert flips == {True, False}
+    assert flips == {True, False} and pads == {True, False}
     batch = data.collate_boxes([ds[0], ds[0]])
     assert batch["gt_mask"].shape == (2, 40, 40)
     with pytest.raises(ValueError, match="annotation 2: --gt-masks needs a segmentation"):
