@@ -20,6 +20,7 @@ import torch
 import data
 import label
 import mal
+import synthetic
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -172,7 +173,7 @@ def label_rows(device, quick, workers):
     """Labeling end to end, from 640x480 JPEGs on disk (~7 boxes each) to RLE in memory, with random
     weights (speed does not depend on them); and the data-loading rate alone, per worker."""
     arch, S, p, n = ("vit_tiny", 128, 16, 12) if quick else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3)
-    coco = data.make_coco_like(os.path.join("demo", "coco_like"), n)
+    coco = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
     boxes = label.load_boxes(coco["json"])
     images = [boxes["images"][i] for i in sorted(boxes["todo"])]
     n_boxes = sum(len(v) for v in boxes["todo"].values())

@@ -1,11 +1,11 @@
-"""Data for MAL: image loading, RoI crops (§3.1), augmentation (§4.2), datasets and a demo set.
+"""Data for MAL: image loading, RoI crops (§3.1), augmentation (§4.2) and datasets.
 
 Read top to bottom:
   normalize, load_rgb ........ ImageNet normalisation (on the GPU), robust RGB decoding
   roi_crop ................... §3.1 crop of an expanded box + the box mask in crop coordinates
   BoxDataset, collate_boxes .. training: one sample = one box of a COCO instances JSON
   ImageBoxes, collate_images . labeling: one item = one image with all its boxes
-  make_demo, make_coco_like .. a deterministic synthetic COCO-format set (and the CLI at the end)
+  atomic_file ................ writes that a crash never leaves half done
 
 Coordinates: boxes are xyxy float pixels, pixel (i, j) covers [j, j+1) x [i, i+1), its centre is
 (j + 0.5, i + 0.5). COCO's bbox is xywh and is converted on reading.
@@ -17,12 +17,11 @@ import math
 import os
 import sys
 import tempfile
-import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageStat
+from PIL import Image, ImageFilter, ImageStat
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation. The loader ships uint8 (4x fewer host->device bytes); the GPU normalises. ImageNet's
@@ -641,13 +640,7 @@ def collate_images(items):
 
 
 # ----------------------------------------------------------------------------------------------
-# The embedded demo dataset: textured backgrounds, 3-7 non-convex, partly occluded objects per
-# image, COCO-format JSON with GT masks as compressed RLE (for evaluation only). Deterministic:
-# image i of a split depends only on (seed, split, i).
-
-DEMO_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "star"}, {"id": 3, "name": "ring"},
-                   {"id": 4, "name": "crescent"}, {"id": 5, "name": "ell"}]
-_DEMO_VERSION = 1
+# Atomic writes: a crash never leaves a half-written file.
 
 
 @contextlib.contextmanager
@@ -671,210 +664,10 @@ def atomic_file(path, mode="wb"):
         raise
 
 
-def _atomic_write(path, data):
+def atomic_write(path, payload):
+    """Write bytes to `path` atomically (atomic_file)."""
     with atomic_file(path) as f:
-        f.write(data)
-
-
-def _random_colour(rng, lo=30, hi=225):
-    return rng.uniform(lo, hi, size=3)
-
-
-def _background(rng, W, H):
-    """Smooth noise, a gradient or soft stripes of random colours, plus fine noise. float [H,W,3]."""
-    base = _random_colour(rng, 50, 205)
-    kind = rng.integers(3)
-    if kind == 0:  # smooth noise: a coarse random grid upsampled bicubically
-        gh, gw = rng.integers(3, 7, size=2)
-        grid = np.clip(base + rng.uniform(-40, 40, size=(gh, gw, 3)), 0, 255).astype(np.uint8)
-        bg = np.asarray(Image.fromarray(grid).resize((W, H), Image.BICUBIC), dtype=np.float64)
-    else:
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-        ang = rng.uniform(0, np.pi)
-        t = (xx * np.cos(ang) + yy * np.sin(ang)) / max(W, H)
-        other = base + rng.uniform(-45, 45, size=3)
-        if kind == 1:  # linear gradient
-            w = (t - t.min()) / max(t.max() - t.min(), 1e-9)
-        else:  # soft stripes
-            period = rng.uniform(0.08, 0.25)
-            w = 0.5 + 0.5 * np.sin(2 * np.pi * t / period)
-        bg = base + w[..., None] * (other - base)
-    return bg + 4 * rng.standard_normal((H, W, 3), dtype=np.float32), base
-
-
-def _polygon(rng, kind, r):
-    """Shape outline(s) centred at 0: list of (points [n,2], fill) drawn in order (fill 0 = hole)."""
-    if kind == "blob":  # perturbed radial function; low harmonics make it non-convex
-        phi = np.linspace(0, 2 * np.pi, 72, endpoint=False)
-        rad = np.ones_like(phi)
-        for k in (2, 3, 4, 5):
-            rad += rng.uniform(0, 0.28) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
-        rad = r * np.clip(rad, 0.25, None) / rad.max()
-        return [(np.stack([rad * np.cos(phi), rad * np.sin(phi)], 1), 1)]
-    if kind == "star":
-        n = int(rng.integers(5, 9))
-        inner = rng.uniform(0.35, 0.6)
-        phi = np.linspace(0, 2 * np.pi, 2 * n, endpoint=False)
-        rad = r * np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
-        return [(np.stack([rad * np.cos(phi), rad * np.sin(phi)], 1), 1)]
-    phi = np.linspace(0, 2 * np.pi, 72, endpoint=False)
-    circle = np.stack([np.cos(phi), np.sin(phi)], 1)
-    if kind == "ring":  # annulus with a hole (background shows through)
-        ri = rng.uniform(0.45, 0.65)
-        off = rng.uniform(-0.1, 0.1, size=2) * r
-        return [(r * circle, 1), (ri * r * circle + off, 0)]
-    if kind == "crescent":  # disk minus a shifted disk
-        d = rng.uniform(0.35, 0.6) * r
-        a = rng.uniform(0, 2 * np.pi)
-        return [(r * circle, 1), (rng.uniform(0.85, 1.0) * r * circle + d * np.array([np.cos(a), np.sin(a)]), 0)]
-    # "ell": an L-shape
-    t = rng.uniform(0.35, 0.55)
-    pts = np.array([(0, 0), (2, 0), (2, t), (t, t), (t, 2), (0, 2)], dtype=np.float64) - (2 + t) / 4
-    return [(pts * r * 0.75, 1)]
-
-
-def _shape_mask(rng, kind, cx, cy, r, W, H):
-    aspect, ang = rng.uniform(0.65, 1.0), rng.uniform(0, 2 * np.pi)
-    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
-    canvas = Image.new("L", (W, H), 0)
-    draw = ImageDraw.Draw(canvas)
-    for pts, fill in _polygon(rng, kind, r):
-        p = (pts * np.array([1.0, aspect])) @ rot.T + np.array([cx, cy])
-        draw.polygon([tuple(q) for q in p.round(2).tolist()], fill=fill)
-    return np.asarray(canvas) > 0
-
-
-def _object_texture(rng, colour, xs, ys, W, H):
-    """The object's own colour with a linear shading and mild noise at pixels (ys, xs). float [n,3]."""
-    ang = rng.uniform(0, 2 * np.pi)
-    shade = ((xs - W / 2) * np.cos(ang) + (ys - H / 2) * np.sin(ang)) / max(W, H) * rng.uniform(10, 30)
-    return colour + shade[:, None] + rng.normal(0, 5, size=(len(xs), 3))
-
-
-def _render_image(rng, W, H, n_objects):
-    """One image and the visible masks of its objects: (uint8 [H,W,3], [(category_id, mask)])."""
-    img, bg_colour = _background(rng, W, H)
-    names = [c["name"] for c in DEMO_CATEGORIES]
-    side = min(W, H)
-    # Sizes from small to large (COCO: < 32², > 96² at 256x192): log-uniform radii, and half of the
-    # images get one large object. Larger objects are drawn first, smaller ones on top.
-    radii = np.exp(rng.uniform(np.log(0.035 * side), np.log(0.3 * side), size=n_objects))
-    if rng.random() < 0.5:
-        radii[0] = rng.uniform(0.4, 0.55) * side
-    radii = np.sort(radii)[::-1]
-    objects = []  # [category_id, full mask, visible mask]
-    for r in radii:
-        cat = int(rng.integers(len(names)))
-        cx, cy = rng.uniform(0.08 * W, 0.92 * W), rng.uniform(0.08 * H, 0.92 * H)
-        m = _shape_mask(rng, names[cat], cx, cy, r, W, H)
-        for _ in range(20):  # a colour clearly different from the background (for the CRF)
-            colour = _random_colour(rng)
-            if np.linalg.norm(colour - bg_colour) > 110:
-                break
-        ys, xs = np.nonzero(m)
-        img[ys, xs] = _object_texture(rng, colour, xs, ys, W, H)
-        for o in objects:
-            o[2] &= ~m  # occlusion: earlier objects keep only their visible part
-        objects.append([DEMO_CATEGORIES[cat]["id"], m, m.copy()])
-    kept = []
-    for cat_id, full, vis in objects:
-        area, full_area = int(vis.sum()), int(full.sum())
-        if full_area == 0 or area < 0.4 * full_area or area < 24:
-            continue
-        ys, xs = np.nonzero(vis.any(1))[0], np.nonzero(vis.any(0))[0]
-        if xs[-1] - xs[0] + 1 < 4 or ys[-1] - ys[0] + 1 < 4:
-            continue
-        kept.append((cat_id, vis))
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), kept
-
-
-def _make_split(root, split, code, n, size, n_objects, seed, ann_start=1):
-    """Render split images to root/split/*.jpg; return the COCO dict."""
-    from pycocotools import mask as mask_utils
-
-    W, H = size
-    os.makedirs(os.path.join(root, split), exist_ok=True)
-    images, annotations = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, code, i])
-        k = int(rng.integers(n_objects[0], n_objects[1] + 1))
-        pixels, objects = _render_image(rng, W, H, k)
-        name = f"{i:06d}.jpg"
-        buf = _encode_jpeg(pixels)
-        _atomic_write(os.path.join(root, split, name), buf)
-        images.append(dict(id=i + 1, file_name=name, width=W, height=H))
-        for cat_id, vis in objects:
-            ys, xs = np.nonzero(vis.any(1))[0], np.nonzero(vis.any(0))[0]
-            rle = mask_utils.encode(np.asfortranarray(vis.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(dict(
-                id=ann_start + len(annotations), image_id=i + 1, category_id=cat_id,
-                bbox=[int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)],
-                area=int(vis.sum()), iscrowd=0, segmentation=rle))
-    return dict(info=dict(description=f"MAL synthetic demo set ({split})", version=_DEMO_VERSION),
-                images=images, annotations=annotations, categories=DEMO_CATEGORIES)
-
-
-def _encode_jpeg(pixels, quality=92):
-    import io
-
-    bio = io.BytesIO()
-    Image.fromarray(pixels).save(bio, format="JPEG", quality=quality)
-    return bio.getvalue()
-
-
-def _cached_set(root, params, build):
-    """Return the manifest's paths if root holds a complete set made with `params`, else build it.
-    The manifest is written last (atomically), so an interrupted build is simply redone."""
-    root = os.path.abspath(os.fspath(root))
-    manifest = os.path.join(root, "manifest.json")
-    try:
-        with open(manifest) as f:
-            m = json.load(f)
-        if m.get("params") == params and all(os.path.exists(os.path.join(root, p)) for p in m["files"]):
-            return {k: os.path.join(root, v) for k, v in m["paths"].items()}
-    except (OSError, ValueError, KeyError):
-        pass
-    what = f"the {params['kind'].replace('_', '-')} set in {root}"
-    print(f"data.py: making {what} (once: it is reused while complete)", file=sys.stderr, flush=True)
-    t0 = time.time()
-    os.makedirs(root, exist_ok=True)
-    paths, files = build(root)
-    _atomic_write(manifest, json.dumps(dict(params=params, paths=paths, files=files), indent=1).encode())
-    print(f"data.py: made {what} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
-    return {k: os.path.join(root, v) for k, v in paths.items()}
-
-
-def _build_splits(root, splits, size, n_objects, seed):
-    paths, files = {}, []
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, code, n in splits:
-        coco = _make_split(root, split, code, n, size, n_objects, seed)
-        rel = f"annotations/instances_{split}.json"
-        _atomic_write(os.path.join(root, rel), json.dumps(coco).encode())
-        paths[f"{split}_json"], paths[f"{split}_images"] = rel, split
-        files += [rel] + [f"{split}/{im['file_name']}" for im in coco["images"]]
-    return paths, files
-
-
-def make_demo(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
-    """The demo set under root (cached): dict(train_json, train_images, val_json, val_images)."""
-    size, n_obj = tuple(int(v) for v in image_size), (3, 7)
-    params = dict(kind="demo", version=_DEMO_VERSION, n_train=int(n_train), n_val=int(n_val),
-                  image_size=list(size), seed=int(seed))
-    build = lambda r: _build_splits(r, [("train", 0, int(n_train)), ("val", 1, int(n_val))], size, n_obj, int(seed))
-    return _cached_set(root, params, build)
-
-
-def make_coco_like(root, n_images, size=(640, 480), boxes_per_image=7, seed=0):
-    """COCO-like 640x480 JPEGs with ~boxes_per_image boxes each (a few drop out by occlusion), for
-    throughput benchmarks (cached): dict(json, images)."""
-    size, k = tuple(int(v) for v in size), int(boxes_per_image)
-    params = dict(kind="coco_like", version=_DEMO_VERSION, n_images=int(n_images), image_size=list(size),
-                  boxes_per_image=k, seed=int(seed))
-    build = lambda r: _build_splits(r, [("images", 2, int(n_images))], size, (k, k), int(seed))
-    out = _cached_set(root, params, build)
-    return dict(json=out["images_json"], images=out["images_images"])
+        f.write(payload)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -910,34 +703,17 @@ def _stats(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="MAL data utilities: demo set generation and dataset stats.")
+    p = argparse.ArgumentParser(description="What BoxDataset keeps and skips for a COCO-format JSON "
+                                            "(the synthetic sets: python synthetic.py --help).",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="generate (or reuse) the synthetic demo set", formatter_class=HelpFormatter)
-    d.add_argument("--out", required=True, help="output folder (reused when already complete)")
-    d.add_argument("--n-train", type=int, default=240, help="number of training images")
-    d.add_argument("--n-val", type=int, default=60, help="number of validation images")
-    d.add_argument("--seed", type=int, default=0, help="generator seed")
-    d.add_argument("--size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"), help="image size")
-    c = sub.add_parser("coco-like", help="generate (or reuse) 640x480 images with ~7 boxes for benchmarks",
-                       formatter_class=HelpFormatter)
-    c.add_argument("--out", required=True, help="output folder (reused when already complete)")
-    c.add_argument("--n", type=int, default=100, help="number of images")
-    c.add_argument("--seed", type=int, default=0, help="generator seed")
     s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON",
                        formatter_class=HelpFormatter)
     s.add_argument("--json", required=True, help="COCO-format instances JSON")
     s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
     s.add_argument("--min-area", type=float, default=0.0, help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
     s.add_argument("--check-images", action="store_true", help="also decode every used image and report failures")
-    args = p.parse_args(argv)
-    if args.cmd == "demo":  # make_demo says when it builds, and how long that took
-        for k, v in make_demo(args.out, args.n_train, args.n_val, tuple(args.size), args.seed).items():
-            print(f"{k}: {v}")
-    elif args.cmd == "coco-like":
-        for k, v in make_coco_like(args.out, args.n, seed=args.seed).items():
-            print(f"{k}: {v}")
-    else:
-        _stats(args)
+    _stats(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pycocotools import mask as mask_utils
 
 import data
 import mal
+import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Test-time settings for a checkpoint without a recipe of its own (see test_time_settings).
@@ -65,6 +66,20 @@ def box_mask(box_xyxy, img_h, img_w):
     ya, yb = _pixel_span(y0, y1, img_h)
     m[ya:yb, xa:xb] = True
     return m
+
+
+def ellipse_mask(box_xyxy, img_h, img_w):
+    """The ellipse inscribed in the box as a mask (a baseline): the pixels whose centre lies in it."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    a, b = (x1 - x0) / 2, (y1 - y0) / 2
+    if a <= 0 or b <= 0:
+        return np.zeros((img_h, img_w), dtype=bool)
+    xs = (np.arange(img_w) + 0.5 - (x0 + a)) / a
+    ys = (np.arange(img_h) + 0.5 - (y0 + b)) / b
+    return ys[:, None] ** 2 + xs[None, :] ** 2 <= 1
+
+
+BASELINES = (("box", box_mask), ("ellipse", ellipse_mask))  # evaluate's masks drawn from the box alone
 
 
 def paste_region(prob, crop_box, img_h, img_w, thr=0.5, box=None):
@@ -561,7 +576,8 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
 
     mIoU over GT masks (non-crowd) matched by annotation id (match_ids; an unlabeled box counts 0),
     overall and by GT mask area (small < 32², medium < 96², large); mask AP with COCOeval treating
-    each pseudo-label as a detection (score: its 'score' or 1). The same for the filled box. With
+    each pseudo-label as a detection (score: its 'score' or 1). The same for the BASELINES, the filled
+    box and the inscribed ellipse (keys prefixed box_, ellipse_). With
     match_ids, also how well the masks' mask_score ranks them by IoU (score_ranking)."""
     images = {im["id"]: im for im in gt["images"]}
     sel = set(images) if image_ids is None else set(image_ids)
@@ -579,7 +595,7 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
     res = {"n": len(gts)}
     pred = {a["id"]: a for a in labeled["annotations"] if a["image_id"] in sel}
     if match_ids:
-        ious = {"mal": [], "box": []}
+        ious = {name: [] for name in ["mal"] + [b for b, _ in BASELINES]}
         areas, scored = [], []
         for a in gts:
             im = images[a["image_id"]]
@@ -590,13 +606,14 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
                 iou = float(mask_utils.iou([_to_bytes(p["segmentation"])], [g], [0])[0, 0])
                 if "mask_score" in p:
                     scored.append((a["id"], p["mask_score"], iou))
-            b = box_mask(xywh_to_xyxy(a["bbox"]), im["height"], im["width"])
             ious["mal"].append(iou)
-            ious["box"].append(float(mask_utils.iou([_to_bytes(encode(b))], [g], [0])[0, 0]))
+            for name, draw in BASELINES:
+                b = encode(draw(xywh_to_xyxy(a["bbox"]), im["height"], im["width"]))
+                ious[name].append(float(mask_utils.iou([_to_bytes(b)], [g], [0])[0, 0]))
             areas.append(float(mask_utils.area(g)))
         areas = np.array(areas)
-        for name, prefix in (("mal", ""), ("box", "box_")):
-            v = np.array(ious[name])
+        for name, v in ious.items():
+            v, prefix = np.array(v), "" if name == "mal" else name + "_"
             res[prefix + "miou"] = float(v.mean()) if len(v) else None
             for bin_name, lo, hi in AREA_BINS:
                 m = (areas >= lo) & (areas < hi)
@@ -607,7 +624,7 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
             res.update(score_ranking(*list(zip(*sorted(scored)))[1:]))
     gt_ds = {"images": [images[i] for i in sorted(sel) if i in images], "annotations": anns,
              "categories": gt.get("categories") or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
-    dets, box_dets = [], []
+    dets, base_dets = [], {name: [] for name, _ in BASELINES}
     for p in pred.values():
         im = images[p["image_id"]]
         score = float(p.get("score", 1.0))
@@ -615,10 +632,11 @@ def evaluate(gt, labeled, *, match_ids=True, image_ids=None):
             dets.append({"image_id": p["image_id"], "category_id": p["category_id"], "score": score,
                          "segmentation": _to_bytes(p["segmentation"])})
         if box_problem(p, im) is None:
-            b = encode(box_mask(xywh_to_xyxy(p["bbox"]), im["height"], im["width"]))
-            box_dets.append({"image_id": p["image_id"], "category_id": p["category_id"], "score": score,
-                             "segmentation": _to_bytes(b)})
-    for prefix, d in (("", dets), ("box_", box_dets)):
+            for name, draw in BASELINES:
+                b = encode(draw(xywh_to_xyxy(p["bbox"]), im["height"], im["width"]))
+                base_dets[name].append({"image_id": p["image_id"], "category_id": p["category_id"],
+                                        "score": score, "segmentation": _to_bytes(b)})
+    for prefix, d in [("", dets)] + [(name + "_", d) for name, d in base_dets.items()]:
         for k, v in zip(("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"), _mask_ap(gt_ds, d, sel)):
             res[prefix + k] = v
     return res
@@ -630,7 +648,7 @@ def format_eval(r):
     cols = ["miou", "miou_small", "miou_medium", "miou_large", "ap", "ap50", "ap75"]
     heads = ["mIoU", "small", "medium", "large", "AP", "AP50", "AP75"]
     lines = ["         " + " ".join(f"{h:>7}" for h in heads)]
-    for name, prefix in (("MAL", ""), ("box", "box_")):
+    for name, prefix in [("MAL", "")] + [(b, b + "_") for b, _ in BASELINES]:
         lines.append(f"{name:<8} " + " ".join(f"{f(r.get(prefix + c)):>7}" for c in cols))
     lines.append(f"{'boxes':<8} " + " ".join(f"{r.get(k, '-')!s:>7}" for k in ("n", "n_small", "n_medium", "n_large")))
     if "score_n" in r:
@@ -884,7 +902,7 @@ def get_args(argv=None):
 
 def demo_argv():
     """The demo's command line; trains demo/run/last.pt first (python train.py) if it is absent."""
-    d = data.make_demo(os.path.join(HERE, "demo", "data"))
+    d = synthetic.make_demo(os.path.join(HERE, "demo", "data"))
     ckpt = os.path.join(HERE, "demo", "run", "last.pt")
     if not os.path.exists(ckpt) and int(os.environ.get("RANK", "0")) == 0:
         print(f"label.py: {ckpt} not found; training it with `python train.py`", file=sys.stderr)

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import mal
+import synthetic
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -438,7 +439,7 @@ def main(argv=None):
     master = rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
     if args.demo and master:
-        data.make_demo(train.DEMO_ROOT)
+        synthetic.make_demo(train.DEMO_ROOT)
     if ddp:
         dist.barrier()
     dataset = make_views(args)

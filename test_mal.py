@@ -24,6 +24,7 @@ import data
 import label
 import mal
 import pretrain
+import synthetic
 import train
 
 
@@ -1319,7 +1320,7 @@ def test_stats_size_classes_by_annotation_area_and_usable_counts(tmp_path, capsy
 
 
 def test_training_samples_independent_of_workers(tmp_path):
-    out = data.make_demo(tmp_path / "demo", n_train=4, n_val=0)
+    out = synthetic.make_demo(tmp_path / "demo", n_train=4, n_val=0)
     ds = data.BoxDataset(out["train_json"], out["train_images"], size=32, train=True, seed=5)
     ds.set_epoch(2)
     sampler = data.ImageGroupedSampler(ds)
@@ -1345,11 +1346,11 @@ def test_training_samples_independent_of_workers(tmp_path):
 def test_demo_deterministic_cached_and_content(tmp_path, capsys):
     from pycocotools import mask as mask_utils
 
-    p1 = data.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1)
+    p1 = synthetic.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1)
     made = capsys.readouterr().err.splitlines()  # a line when it starts and one when done, with the time
-    assert len(made) == 2 and made[0].startswith(f"data.py: making the demo set in {tmp_path / 'd1'}")
-    assert made[1].startswith(f"data.py: made the demo set in {tmp_path / 'd1'} (") and made[1].endswith(" s)")
-    p2 = data.make_demo(tmp_path / "d2", n_train=14, n_val=2, seed=1)
+    assert len(made) == 2 and made[0].startswith(f"making the demo set in {tmp_path / 'd1'}")
+    assert made[1].startswith(f"made the demo set in {tmp_path / 'd1'} (") and made[1].endswith(" s)")
+    p2 = synthetic.make_demo(tmp_path / "d2", n_train=14, n_val=2, seed=1)
     for key in ("train_json", "val_json"):
         assert open(p1[key], "rb").read() == open(p2[key], "rb").read()
     for name in ("000000.jpg", "000007.jpg", "000013.jpg"):
@@ -1357,7 +1358,7 @@ def test_demo_deterministic_cached_and_content(tmp_path, capsys):
             open(os.path.join(p2["train_images"], name), "rb").read()
     mtime = os.path.getmtime(p1["train_json"])
     capsys.readouterr()
-    assert data.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1) == p1  # cached: silent
+    assert synthetic.make_demo(tmp_path / "d1", n_train=14, n_val=2, seed=1) == p1  # cached: silent
     assert os.path.getmtime(p1["train_json"]) == mtime and capsys.readouterr().err == ""
 
     coco = json.load(open(p1["train_json"]))
@@ -1419,11 +1420,6 @@ def test_blur_on_source_region_matches_blur_at_output():
 
 # ==============================================================================================
 # train.py: a few steps lower the loss, exact resume, torchrun DDP on CPU
-
-@pytest.fixture(scope="session")
-def tiny_set(tmp_path_factory):
-    return data.make_demo(tmp_path_factory.mktemp("tiny_demo"), n_train=6, n_val=3, image_size=(96, 64), seed=3)
-
 
 def tiny_argv(tiny_set, out, *extra):
     return ["--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"], "--out", str(out),
@@ -2331,6 +2327,20 @@ def test_evaluate_matches_hand_computation():
     assert r["ap50"] == pytest.approx(1.0) and r["ap75"] == pytest.approx(0.5) and r["ap"] == pytest.approx(0.55)
     del pred["annotations"][1]["segmentation"]  # an unlabeled box counts IoU 0
     assert label.evaluate(gt, pred)["miou"] == pytest.approx(0.5)
+
+
+def test_ellipse_baseline_is_the_inscribed_ellipse():
+    e = label.ellipse_mask((10, 20, 50, 40), 60, 70)  # centre (30, 30), semi-axes 20 and 10
+    ys, xs = np.mgrid[0:60, 0:70]
+    inside = ((xs + 0.5 - 30) / 20) ** 2 + ((ys + 0.5 - 30) / 10) ** 2 <= 1
+    assert e.dtype == bool and (e == inside).all() and abs(e.sum() - math.pi * 200) < 10
+    assert not label.ellipse_mask((5, 5, 5, 9), 10, 10).any()  # a zero-width box
+    gt = dict(images=[dict(id=1, width=70, height=60)], categories=[{"id": 1}], annotations=[
+        dict(id=1, image_id=1, category_id=1, bbox=[10, 20, 40, 20], iscrowd=0, segmentation=_rle(e))])
+    r = label.evaluate(gt, gt)
+    assert r["ellipse_miou"] == 1 and r["ellipse_ap"] == pytest.approx(1.0)
+    assert r["box_miou"] == pytest.approx(e.sum() / 800)
+    assert "ellipse" in label.format_eval(r)
 
 
 def test_spearman_and_score_ranking_by_hand():

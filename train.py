@@ -24,12 +24,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import mal
+import synthetic
 
 # The embedded demo: the synthetic set (DEMO_DATA) and the demo's recipe (DEMO), a 3-block vit_tiny/8
 # at 96 px with a 64-channel decoder sized for a 2-core CPU (the decoder's 256 channels at 2× the token
 # grid would cost most of the time). `--demo` applies the recipe to any data given with --train-json.
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_ROOT = os.path.join(HERE, "demo", "data")  # data.make_demo writes the set here once (cached)
+DEMO_ROOT = os.path.join(HERE, "demo", "data")  # synthetic.make_demo writes the set here once (cached)
 DEMO_DATA = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
                  images=os.path.join(DEMO_ROOT, "train"),
                  val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
@@ -194,7 +195,7 @@ def main(argv=None):
     master = rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
     if args.demo_data and master:
-        data.make_demo(DEMO_ROOT)
+        synthetic.make_demo(DEMO_ROOT)
     if ddp:
         dist.barrier()
     for path in (args.train_json, args.val_json):  # fail now, not at the first epoch's end
