@@ -17,10 +17,14 @@ import time
 
 import torch
 
+import coco
+import crf_ext
 import data
-import label
 import mal
+import predictor
+import recipes
 import synthetic
+import util
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -84,7 +88,6 @@ def crf_rows(device, quick, repeats):
     sizes = [(8, 128, 20)] if device.type == "cpu" else [(32, 128, 100), (32, 512, 20)]
     if quick:
         sizes = [(8, 128, 20)] if device.type == "cpu" else [(32, 128, 100)]
-    import crf_ext
     rows = []
     for B, S, iters in sizes:
         g = torch.Generator().manual_seed(0)
@@ -118,7 +121,8 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
     rate = matmul_rate(device, quick)
     rows = []
     variants = [("ours", True, True, False), ("naive", False, False, False)]
-    for name, fused, kernel, compiled in variants + ([("ours, torch.compile", True, True, True)] if compile else []):
+    for name, fused, kernel, compiled in variants + ([("ours, torch.compile", True, True, True)]
+                                                     if compile else []):
         mal.Attention.fused, mal.use_crf_kernel = fused, kernel
         torch.manual_seed(0)
         net = mal.MAL(arch, patch_size=p, img_size=S, depth=depth).to(device)
@@ -130,13 +134,15 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
         x = torch.randn(batch, 3, S, S, device=device)
         box = torch.zeros(batch, S, S, device=device)
         box[:, S // 6:-S // 6, S // 5:-S // 5] = 1
-        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        autocast = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
 
         def step():
             with autocast:
                 with torch.no_grad():
                     t_logits = run_teacher(x)
-                loss, _ = mal.mal_loss(run_net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size, crf_iters=iters)
+                loss, _ = mal.mal_loss(run_net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size,
+                                       crf_iters=iters)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -151,7 +157,8 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
         first = time.perf_counter() - t0
         t = timeit(step, device, repeats, warmup=1)
         if profile and name == "ours":
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                            if device.type == "cuda" else [])
             with torch.profiler.profile(activities=acts) as prof:
                 step()
                 if device.type == "cuda":
@@ -172,31 +179,36 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
 def label_rows(device, quick, workers):
     """Labeling end to end, from 640x480 JPEGs on disk (~7 boxes each) to RLE in memory, with random
     weights (speed does not depend on them); and the data-loading rate alone, per worker."""
-    arch, S, p, n = ("vit_tiny", 128, 16, 12) if quick else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3)
-    coco = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
-    boxes = label.load_boxes(coco["json"])
-    images = [boxes["images"][i] for i in sorted(boxes["todo"])]
-    n_boxes = sum(len(v) for v in boxes["todo"].values())
+    arch, S, p, n = (("vit_tiny", 128, 16, 12) if quick
+                     else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3))
+    sets = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
+    boxes = coco.load_boxes(sets["json"])
+    images = [boxes.images[i] for i in sorted(boxes.todo)]
+    n_boxes = sum(len(v) for v in boxes.todo.values())
     net = mal.MAL(arch, patch_size=p, img_size=S).eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    run = lambda: label.label_dataset([net], images, boxes["todo"], coco["images"], device,  # noqa: E731
-                                      batch_size=64 if device.type == "cuda" else 16, workers=workers)
+    run = lambda: predictor.label_dataset([net], images, boxes.todo, sets["images"], device,  # noqa: E731
+                                          recipes.LabelSettings(),
+                                          batch_size=64 if device.type == "cuda" else 16, workers=workers)
     t = timeit(run, device, repeats=1 if not quick else 2, warmup=1)
-    # The network's share: label.predict on one batch of pinned crops (host->device copy, forward, sigmoid).
+    # The network's share: predictor.predict on one batch of pinned crops
+    # (host->device copy, forward, sigmoid).
     B = 64 if device.type == "cuda" else 16
     pin = lambda t: t.pin_memory() if device.type == "cuda" else t  # noqa: E731
-    crops, bms = pin(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)), pin(torch.ones(B, S, S, dtype=torch.bool))
+    crops, bms = (pin(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)),
+                  pin(torch.ones(B, S, S, dtype=torch.bool)))
     with torch.no_grad():
-        fwd = B / timeit(lambda: label.predict([net], crops, bms, device), device, repeats=5 if quick else 20)
-    ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes["todo"].items()},
-                         coco["images"], S)
-    box_of = {a["id"]: label.xywh_to_xyxy(a["bbox"]) for v in boxes["todo"].values() for a in v}
+        fwd = B / timeit(lambda: predictor.predict([net], crops, bms, device), device,
+                         repeats=5 if quick else 20)
+    ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes.todo.items()},
+                         sets["images"], S)
+    box_of = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for v in boxes.todo.values() for a in v}
     metas, t0 = [], time.perf_counter()
     for k in range(len(ds)):
         item = ds[k]
-        metas += [(int(a), tuple(float(v) for v in cb), box_of[int(a)], int(item["height"]), int(item["width"]))
-                  for a, cb in zip(item["ann_ids"], item["crop_boxes"])]
+        metas += [(int(a), tuple(float(v) for v in cb), box_of[int(a)], int(item.height), int(item.width))
+                  for a, cb in zip(item.ann_ids, item.crop_boxes)]
     load = len(metas) / (time.perf_counter() - t0)
     # The host's share of each box: paste the mask into the image and RLE-encode it, as label.py's
     # paste threads do, on smooth masks of the network's output size (a centred blob).
@@ -205,9 +217,9 @@ def label_rows(device, quick, workers):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     metas = metas * -(-2000 // len(metas))  # at least 2,000 masks, after a warm-up on a few
     prob = (1 - (yy ** 2 + xx ** 2)).clamp(0, 1).expand(len(metas), h, w)
-    label._paste_batch(prob[:8], torch.full((8,), 0.5), None, metas[:8], 0.5)
+    predictor._paste_batch(prob[:8], torch.full((8,), 0.5), None, metas[:8], 0.5)
     t0 = time.perf_counter()
-    label._paste_batch(prob, torch.full((len(metas),), 0.5), None, metas, 0.5)
+    predictor._paste_batch(prob, torch.full((len(metas),), 0.5), None, metas, 0.5)
     paste = len(metas) / (time.perf_counter() - t0)
     return [dict(workload=f"label end to end {arch}/{p} {S}px, {len(images)} JPEGs 640x480", unit="boxes/s",
                  ours=n_boxes / t, note=f"{workers} workers"),
@@ -218,13 +230,14 @@ def label_rows(device, quick, workers):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=util.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, for CI and CPUs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
     p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 32 on GPU)")
     p.add_argument("--only", default="crf,train,label", help="comma-separated row groups to run")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="labeling DataLoader workers")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="labeling DataLoader workers")
     p.add_argument("--json", default="bench.json", help="where to write the rows")
     p.add_argument("--profile", action="store_true", help="print the top operators of one training step "
                    "(at full size, ViT-B/16 512², also on CPU)")
@@ -240,7 +253,8 @@ def main():
         rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch, args.profile, args.compile)
     if "label" in only:
         rows += label_rows(device, args.quick, args.workers)
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+    env = dict(device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"CPU, {torch.get_num_threads()} threads"),
                torch=torch.__version__, cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
                command="python " + " ".join(sys.argv))
     with open(args.json, "w") as f:
@@ -249,9 +263,11 @@ def main():
     print(f"{'workload':58s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}  unit / notes")
     for r in rows:
         f = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10s}"  # noqa: E731
-        extra = [f"{k} {v:.3g}" for k, v in r.items() if k in ("peak_mem_gib", "mfu", "matmul_tflops") and v is not None]
+        extra = [f"{k} {v:.3g}" for k, v in r.items()
+                 if k in ("peak_mem_gib", "mfu", "matmul_tflops") and v is not None]
         print(f"{r['workload']:58s} {f(r.get('ours'))} {f(r.get('reference'))} "
-              f"{(format(r['ratio'], '6.1f') + 'x') if r.get('ratio') else '      -':>7s}  {r['unit']} {' '.join(extra)} {r.get('note', '')}")
+              f"{(format(r['ratio'], '6.1f') + 'x') if r.get('ratio') else '      -':>7s}  {r['unit']} "
+              f"{' '.join(extra)} {r.get('note', '')}")
 
 
 if __name__ == "__main__":

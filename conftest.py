@@ -1,10 +1,162 @@
-"""Fixtures shared by the test files."""
-import pytest
+"""Fixtures and helpers shared by the test files: a tiny demo-kind set, a tiny labeling world with
+faults in it, oracle networks, and the argument lists of small runs. The project's modules are
+imported where they are used, so that one that fails to import fails only the tests that need it."""
+import json
+import os
+import subprocess
+import sys
 
-import synthetic
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda need a CUDA device: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def tiny_set(tmp_path_factory):
     """A demo-kind set of 6 + 3 images of 96 × 64, made once per test session."""
-    return synthetic.make_demo(tmp_path_factory.mktemp("tiny_demo"), n_train=6, n_val=3, image_size=(96, 64), seed=3)
+    import synthetic
+
+    return synthetic.make_demo(tmp_path_factory.mktemp("tiny_demo"), n_train=6, n_val=3, image_size=(96, 64),
+                               seed=3)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_argv(tiny_set, out, *extra):
+    return ["--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"], "--out", str(out),
+            "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
+            "--decoder-dim", "16", "--batch-size", "4", "--min-area", "16", "--loss-size", "32",
+            "--crf-iters", "5", "--workers", "0", "--warmup-steps", "1", "--mil-ramp", "1", "--crf-ramp", "1",
+            "--drop-path", "0.1", "--device", "cpu", "--log-every", "0", *extra]
+
+
+TINY = dict(arch="vit_tiny", patch_size=8, img_size=32, depth=1)
+
+
+def disc(h, w, cx, cy, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+
+
+def bbox(m):
+    ys, xs = np.nonzero(m)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random checkpoint and a small synthetic COCO set with a missing image, a corrupt image,
+    a degenerate box, a box on an unknown image and a box sticking out of its image."""
+    import mal
+
+    d = tmp_path_factory.mktemp("label")
+    torch.manual_seed(0)
+    net = mal.MAL(**TINY)
+    sd = net.state_dict()
+    torch.save(dict(model_args=TINY, task=sd, teacher=sd, step=0, epoch=0, args={}), d / "tiny.pt")
+    (d / "img").mkdir()
+    rng = np.random.default_rng(0)
+    images, anns, aid = [], [], 1
+    for i in range(1, 8):  # 7 good images, 2 discs each, with GT masks
+        H, W = 48, 64
+        pix = rng.integers(0, 80, (H, W, 3), dtype=np.uint8)
+        for cx, cy, r in [(20, 20, 10), (48 + i, 30, 12)]:
+            m = disc(H, W, cx, cy, r)
+            pix[m] = (220, 30, 30)
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            anns.append(dict(id=aid, image_id=i, category_id=1 + aid % 2, bbox=bbox(m), iscrowd=0,
+                             area=int(m.sum()), segmentation=dict(size=[H, W], counts=rle["counts"].decode()),
+                             extra="kept"))
+            aid += 1
+        Image.fromarray(pix).save(d / "img" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", width=W, height=H))
+    anns[0]["bbox"] = [-5.0, -3.0, 30.0, 30.0]  # sticks out of the image: labeled, mask clipped
+    (d / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    images += [dict(id=20, file_name="missing.png", width=64, height=48),
+               dict(id=21, file_name="corrupt.png", width=64, height=48)]
+    anns += [dict(id=100, image_id=20, category_id=1, bbox=[1, 1, 10, 10], iscrowd=0, area=100),
+             dict(id=101, image_id=21, category_id=1, bbox=[1, 1, 10, 10], iscrowd=0, area=100),
+             dict(id=102, image_id=1, category_id=1, bbox=[5, 5, 0, 10], iscrowd=0, area=0),
+             dict(id=103, image_id=99, category_id=1, bbox=[5, 5, 10, 10], iscrowd=0, area=100)]
+    coco = dict(images=images, annotations=anns, categories=[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+                info={"note": "test"})
+    (d / "boxes.json").write_text(json.dumps(coco))
+    return d
+
+
+def label_argv(w, out, *extra):
+    # On the CPU on any machine: these compare bytes across runs and ranks (two gloo ranks on one GPU
+    # are refused) and check the fingerprint's device.
+    return ["--ckpt", str(w / "tiny.pt"), "--json", str(w / "boxes.json"), "--images", str(w / "img"),
+            "--out", str(out), "--chunk-images", "2", "--batch-size", "4", "--workers", "0",
+            "--device", "cpu", "--quiet", *extra]
+
+
+def run_py(args, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=HERE, env=e, capture_output=True, text=True,
+                          timeout=120)
+
+
+class Oracle(torch.nn.Module):
+    """Stands in for MAL: logits from the crop's colour (the object is pure red), at half resolution."""
+
+    img_size = 64
+
+    def forward(self, x):
+        import data
+
+        mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
+        rgb = x * std + mean
+        red = ((rgb[:, 0] > 150) & (rgb[:, 1] < 100)).float()
+        return torch.nn.functional.avg_pool2d(red[:, None], 2)[:, 0] * 20 - 10
+
+
+def rle_of(m):
+    import coco
+
+    return coco.encode(m)
+
+
+def ann(i, image_id, bbox, iscrowd=0):
+    return dict(id=i, image_id=image_id, category_id=1, bbox=bbox, area=1.0, iscrowd=iscrowd)
+
+
+def write_coco(path, images, annotations):
+    with open(path, "w") as f:
+        json.dump(dict(images=images, annotations=annotations, categories=[{"id": 1, "name": "x"}]), f)
+    return str(path)
+
+
+def dinov2_authors_layout(model):
+    """A VisionTransformer's weights as the DINOv2 authors release them: a bare state dict with
+    register_tokens, the SwiGLU MLP as w12 / w3 (ViT-g only; the others have fc1 / fc2 as we do) and a
+    mask_token."""
+    import mal
+
+    swiglu = isinstance(model.blocks[0].mlp, mal.SwiGLU)
+    out = {"mask_token": torch.zeros(1, model.embed_dim)}
+    for k, v in model.state_dict().items():
+        if swiglu:
+            k = k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")
+        out[k.replace("reg_token", "register_tokens")] = v
+    return out
+
+
+def save(obj, path):
+    torch.save(obj, path)
+    return str(path)

@@ -5,27 +5,29 @@ Read top to bottom:
   roi_crop ................... §3.1 crop of an expanded box + the box mask in crop coordinates
   BoxDataset, collate_boxes .. training: one sample = one box of a COCO instances JSON
   ImageBoxes, collate_images . labeling: one item = one image with all its boxes
-  atomic_file ................ writes that a crash never leaves half done
 
 Coordinates: boxes are xyxy float pixels, pixel (i, j) covers [j, j+1) x [i, i+1), its centre is
 (j + 0.5, i + 0.5). COCO's bbox is xywh and is converted on reading.
 """
 import argparse
-import contextlib
-import json
 import math
 import os
 import sys
-import tempfile
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageStat
 
+import coco
+import mal
+import util
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation. The loader ships uint8 (4x fewer host->device bytes); the GPU normalises. ImageNet's
-# mean/std is also what every encoder mal.load_pretrained reads (MAE, DeiT, DeiT III, DINOv2) was trained with.
+# mean/std is also what every encoder mal.load_pretrained reads (MAE, DeiT, DeiT III, DINOv2) was
+# trained with.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,9 +94,10 @@ def load_rgb(path):
         raise ImageError(f"{path}: file not found") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not a readable image (corrupt or unknown format)") from None
-    except Exception as e:  # truncated data, decoder errors, unsupported modes, bombs: Pillow's words after ours
-        msg = " ".join(str(e).split())
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}{': ' + msg if msg else ''})") from None
+    except Exception as e:  # truncated data, decoder errors, unsupported modes, bombs:
+        msg = " ".join(str(e).split())  # Pillow's words after ours
+        raise ImageError(f"{path}: not a readable image "
+                         f"({type(e).__name__}{': ' + msg if msg else ''})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def pad_crop(crop_xyxy, width, height, size):
 
 
 def _pad_interval(a, b, length, size):
-    """pad_crop along one axis: [a, b] over `size` pixels -> [a', b'] with whole pixels outside [0, length]."""
+    """pad_crop along one axis: [a, b] over `size` pixels -> [a', b'] with whole pixels outside
+    [0, length]."""
     ia, ib = _clamp_interval(a, b, length)  # the part inside the image, at least 1 px
     step = (b - a) / size
     before = min(max(round((ia - a) / step), 0), size - 1)
@@ -266,30 +270,6 @@ def _blurred_crop(img, crop_used, size, sigma):
 # Box reading shared by both datasets.
 
 
-def bbox_problem(x, y, w, h, width, height):
-    """None if the xywh box is usable on a width x height image (None: size unknown), else
-    (kind, reason). label.py applies the same rule before labeling."""
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return "degenerate", "non-finite bbox"
-    if w <= 0 or h <= 0:
-        return "degenerate", f"zero/negative size {w:g}x{h:g}"
-    if width is not None and height is not None:
-        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-            return "outside_image", "bbox does not overlap the image"
-    return None
-
-
-def segmentation_rle(seg, h, w):
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    if isinstance(seg.get("counts"), list):
-        return mask_utils.frPyObjects(seg, h, w)
-    return seg
-
-
 def _clip_box(box, width, height):
     x0, y0, x1, y1 = box
     return (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
@@ -342,17 +322,16 @@ class BoxDataset(torch.utils.data.Dataset):
     def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
                  t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False, report=True):
         if isinstance(ann_json, dict):
-            coco = ann_json
+            instances = ann_json
         else:
-            with open(ann_json) as f:
-                coco = json.load(f)
+            instances = coco.read_instances(ann_json)
         self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
         self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
         self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
         self.gt_masks, self.report, self.epoch = bool(gt_masks), bool(report), 0
 
         # Per-image arrays (numpy, not lists of dicts: forked workers do not copy them on access).
-        images = coco.get("images", [])
+        images = instances.get("images", [])
         row = {im["id"]: k for k, im in enumerate(images)}
         self.file_names = np.array([im["file_name"] for im in images] or [""], dtype=str)
         self.image_ids = np.array([im["id"] for im in images], dtype=np.int64)
@@ -361,7 +340,7 @@ class BoxDataset(torch.utils.data.Dataset):
 
         self.skipped = {r: 0 for r in self.SKIP_REASONS}
         boxes, ann_ids, img_rows, areas, self.segmentations = [], [], [], [], []
-        for a in coco.get("annotations", []):
+        for a in instances.get("annotations", []):
             k = row.get(a.get("image_id"))
             if k is None:
                 self.skipped["missing_image_entry"] += 1
@@ -374,7 +353,7 @@ class BoxDataset(torch.utils.data.Dataset):
             except (KeyError, TypeError, ValueError):
                 x = y = w = h = float("nan")
             W, H = int(self.widths[k]), int(self.heights[k])
-            problem = bbox_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
+            problem = coco.bbox_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
             if problem:
                 self.skipped[problem[0]] += 1
                 continue
@@ -383,9 +362,9 @@ class BoxDataset(torch.utils.data.Dataset):
                 continue
             if self.gt_masks:
                 if "segmentation" not in a or W <= 0 or H <= 0:
-                    raise ValueError(f"annotation {a.get('id')}: --gt-masks needs a segmentation and the "
-                                     f"image's width and height")
-                self.segmentations.append(segmentation_rle(a["segmentation"], H, W))
+                    raise util.InputError(f"annotation {a.get('id')}: --gt-masks needs a segmentation "
+                                          f"and the image's width and height")
+                self.segmentations.append(coco.segmentation_rle(a["segmentation"], H, W))
             try:
                 areas.append(float(a["area"]))
             except (KeyError, TypeError, ValueError):
@@ -470,7 +449,8 @@ class BoxDataset(torch.utils.data.Dataset):
         from pycocotools import mask as mask_utils
 
         rle = self.segmentations[i]
-        rle = dict(rle, counts=rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"])
+        rle = dict(rle, counts=(rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
+                                else rle["counts"]))
         m = Image.fromarray(mask_utils.decode(rle) * np.uint8(255), "L")
         m = _crop_pil(m, crop_used, self.size)
         if flipped:
@@ -478,7 +458,6 @@ class BoxDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(m, dtype=np.float32) / 255.0)
 
     def __getitem__(self, i):
-        import mal  # lazy: data.py stays importable on its own
 
         i = int(i)
         k = int(self.img_rows[i])
@@ -546,9 +525,9 @@ def collate_boxes(samples):
     are dropped and counted in batch['n_invalid'] (a batch may end up with 0 samples)."""
     good = [s for s in samples if s["valid"]]
     if good:
-        stack = lambda key: torch.stack([s[key] for s in good])
+        stack = lambda key: torch.stack([s[key] for s in good])  # noqa: E731
     else:  # keep shapes: [0, 3, S, S] etc.
-        stack = lambda key: samples[0][key].new_empty((0,) + tuple(samples[0][key].shape))
+        stack = lambda key: samples[0][key].new_empty((0,) + tuple(samples[0][key].shape))  # noqa: E731
     extra = {"gt_mask": stack("gt_mask")} if "gt_mask" in samples[0] else {}
     return dict(
         image=stack("image"), teacher_image=stack("teacher_image"), box_mask=stack("box_mask"),
@@ -565,14 +544,25 @@ def collate_boxes(samples):
 # Labeling side: one item = one image (decoded once) with all its boxes, deterministic crops.
 
 
+class ImageCrops(NamedTuple):
+    """One image's label-time crops, as ImageBoxes gives them."""
+    image_id: int
+    file_name: str
+    width: int  # the decoded size, or the JSON's when the image failed
+    height: int
+    ann_ids: torch.Tensor  # int64 [n]
+    crops: torch.Tensor  # uint8 [n,3,S,S]
+    box_masks: torch.Tensor  # bool [n,S,S]
+    crop_boxes: torch.Tensor  # float64 [n,4]: the crops as pad_crop gives them, xyxy (mapping as in roi_crop)
+    error: str  # None, or "<path>: <reason>" for a missing/corrupt image or a size that differs from the JSON
+    # [(ann_id, reason)] for EVERY box that got no crop: degenerate boxes, all boxes of a failed image
+    bad: list
+
+
 class ImageBoxes(torch.utils.data.Dataset):
-    """images: list of dicts (id, file_name, width, height); boxes_by_image: image_id -> list of
-    (ann_id, bbox_xywh). Item dict: image_id, file_name, width, height (decoded size, or the JSON's
-    when the image failed), ann_ids LongTensor [n], crops uint8 [n,3,S,S], box_masks bool [n,S,S],
-    crop_boxes float64 [n,4] (crops as pad_crop gives them, xyxy; mapping as in roi_crop), error (None or
-    "<path>: <reason>" for a missing/corrupt image or a size that differs from the JSON),
-    bad: [(ann_id, reason)] for EVERY box that got no crop — degenerate boxes, and all the boxes
-    of an image with an error. Crops use mal.expand_box_fixed(box, t), no flip."""
+    """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: list of
+    dicts (id, file_name, width, height); boxes_by_image: image_id -> list of (ann_id, bbox_xywh).
+    Crops use mal.expand_box_fixed(box, t), no flip."""
 
     def __init__(self, images, boxes_by_image, image_dir, size=512, t=0.2):
         self.images, self.boxes_by_image = list(images), boxes_by_image
@@ -582,7 +572,6 @@ class ImageBoxes(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, k):
-        import mal
 
         entry = self.images[k]
         boxes = list(self.boxes_by_image.get(entry["id"], []))
@@ -597,7 +586,7 @@ class ImageBoxes(torch.utils.data.Dataset):
         except ImageError as e:
             error = str(e)
         S = self.size
-        crops, masks, used, ann_ids, bad = [], [], [], [], []
+        used, ann_ids, bad = [], [], []
         for ann_id, bbox in boxes:
             if error is not None:
                 bad.append((ann_id, error))
@@ -606,82 +595,33 @@ class ImageBoxes(torch.utils.data.Dataset):
                 x, y, w, h = (float(v) for v in bbox)
             except (TypeError, ValueError):
                 x = y = w = h = float("nan")
-            problem = bbox_problem(x, y, w, h, W, H)
+            problem = coco.bbox_problem(x, y, w, h, W, H)
             if problem:
                 bad.append((ann_id, problem[1]))
                 continue
-            box = _clip_box((x, y, x + w, y + h), W, H)
-            c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, self.t), S)
-            # bool: a quarter of float32's bytes through the loader's queue, the batch and the copy to the GPU
-            crops.append(c), masks.append(m.bool()), used.append(cu), ann_ids.append(ann_id)
-        return dict(
-            image_id=entry["id"], file_name=entry["file_name"], width=W, height=H,
-            ann_ids=torch.tensor(ann_ids, dtype=torch.int64),
-            crops=torch.stack(crops) if crops else torch.empty(0, 3, S, S, dtype=torch.uint8),
-            box_masks=torch.stack(masks) if masks else torch.empty(0, S, S, dtype=torch.bool),
-            crop_boxes=torch.tensor(used, dtype=torch.float64).reshape(-1, 4),
-            error=error, bad=bad)
+            ann_ids.append(ann_id), used.append((x, y, x + w, y + h))
+        crops, masks, crop_boxes = box_crops(img, used, S, self.t)
+        return ImageCrops(entry["id"], entry["file_name"], W, H, torch.tensor(ann_ids, dtype=torch.int64),
+                          crops, masks, crop_boxes, error, bad)
 
 
-def collate_images(items):
-    """Concatenate the crops of several images into one batch. image_index [N] says which entry of
-    batch['images'] (per-image bookkeeping: image_id, file_name, width, height, error, bad, n) each
-    crop belongs to."""
-    return dict(
-        crops=torch.cat([it["crops"] for it in items]),
-        box_masks=torch.cat([it["box_masks"] for it in items]),
-        crop_boxes=torch.cat([it["crop_boxes"] for it in items]),
-        ann_ids=torch.cat([it["ann_ids"] for it in items]),
-        image_index=torch.cat([torch.full((len(it["ann_ids"]),), j, dtype=torch.int64)
-                               for j, it in enumerate(items)]),
-        images=[dict(image_id=it["image_id"], file_name=it["file_name"], width=it["width"],
-                     height=it["height"], error=it["error"], bad=it["bad"], n=len(it["ann_ids"]))
-                for it in items])
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes: a crash never leaves a half-written file.
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode="wb"):
-    """Open a temporary file next to `path`; on success it is flushed, synced and renamed onto
-    `path` (atomic on POSIX), on failure removed: a crash never leaves a half-written `path`."""
-    d = os.path.dirname(os.fspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would stick to the renamed file
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write(path, payload):
-    """Write bytes to `path` atomically (atomic_file)."""
-    with atomic_file(path) as f:
-        f.write(payload)
+def box_crops(img, boxes, size, t=0.2):
+    """The label-time crops of one decoded image's boxes (xyxy, each covering a pixel of it): crops
+    uint8 [n,3,S,S], box masks bool [n,S,S] and the crop boxes float64 [n,4] (pad_crop's, xyxy; the
+    mapping as in roi_crop). Each box is clipped to the image, then expanded by t (mal.expand_box_fixed)."""
+    crops, masks, used = [], [], []
+    for b in boxes:
+        box = _clip_box(b, *img.size)
+        c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, t), size)
+        # bool: a quarter of float32's bytes through the loader's queue, the batch and the copy to the GPU
+        crops.append(c), masks.append(m.bool()), used.append(cu)
+    return (torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8),
+            torch.stack(masks) if masks else torch.empty(0, size, size, dtype=torch.bool),
+            torch.tensor(used, dtype=torch.float64).reshape(-1, 4))
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line.
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default (the CLIs of data.py, train.py, label.py and pretrain.py), except
-    where there is none to show: None (unset, or said in the help) and off switches."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _stats(args):
@@ -697,7 +637,8 @@ def _stats(args):
     area, no_area = ds.areas[usable], np.isnan(ds.areas[usable])
     area[no_area] = (ds.boxes[usable, 2:] - ds.boxes[usable, :2]).prod(1)[no_area]
     print(f"boxes by COCO size class (annotation area): "
-          f"small(<32²)={int((area < 32 ** 2).sum())} medium={int(((area >= 32 ** 2) & (area < 96 ** 2)).sum())} "
+          f"small(<32²)={int((area < 32 ** 2).sum())} "
+          f"medium={int(((area >= 32 ** 2) & (area < 96 ** 2)).sum())} "
           f"large(>=96²)={int((area >= 96 ** 2).sum())}"
           + (f"; {int(no_area.sum())} without an area, classed by their box w×h" if no_area.any() else ""))
 
@@ -705,15 +646,23 @@ def _stats(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description="What BoxDataset keeps and skips for a COCO-format JSON "
                                             "(the synthetic sets: python synthetic.py --help).",
-                                formatter_class=HelpFormatter)
+                                formatter_class=util.HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON",
-                       formatter_class=HelpFormatter)
+                       formatter_class=util.HelpFormatter)
     s.add_argument("--json", required=True, help="COCO-format instances JSON")
     s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
-    s.add_argument("--min-area", type=float, default=0.0, help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
-    s.add_argument("--check-images", action="store_true", help="also decode every used image and report failures")
-    _stats(p.parse_args(argv))
+    s.add_argument("--min-area", type=float, default=0.0,
+                   help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
+    s.add_argument("--check-images", action="store_true",
+                   help="also decode every used image and report failures")
+    args = p.parse_args(argv)
+    try:
+        if not os.path.isdir(args.images):
+            raise util.InputError(f"--images {args.images}: no such folder")
+        _stats(args)
+    except util.InputError as e:
+        util.fail("data.py", e)
 
 
 if __name__ == "__main__":

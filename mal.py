@@ -11,6 +11,7 @@ One file, in the paper's order:
 Pretrained encoders (MAE, DeiT, DeiT III, DINOv2, timm, our own checkpoints) load with load_pretrained.
 """
 import copy
+import dataclasses
 import math
 import re
 import sys
@@ -19,6 +20,9 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import crf_ext
+import util
 
 # ----------------------------------------------------------------------------------------------
 # §3.1 RoI input: each box is randomly expanded, then cropped and resized (cropping is in data.py)
@@ -206,7 +210,8 @@ class VisionTransformer(nn.Module):
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, init_values, swiglu) for r in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, init_values, swiglu)
+                                    for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(_init_weights)
         with torch.no_grad():
@@ -287,14 +292,15 @@ def vit_huge(**kw): return vit("vit_huge", **kw)
 _DROP_PREFIXES = ("head", "fc_norm", "dist_token", "decoder_", "mask_token")
 # The DINOv2 and DeiT III authors' names for timm's (and ours): DINOv2's register_tokens and SwiGLU
 # w12 / w3, DeiT III's gamma_1 / gamma_2 (LayerScale).
-_RENAMES = ((r"^register_tokens$", "reg_token"), (r"\.mlp\.w12\.", ".mlp.fc1."), (r"\.mlp\.w3\.", ".mlp.fc2."),
-            (r"\.gamma_([12])$", r".ls\1.gamma"))
+_RENAMES = ((r"^register_tokens$", "reg_token"), (r"\.mlp\.w12\.", ".mlp.fc1."),
+            (r"\.mlp\.w3\.", ".mlp.fc2."), (r"\.gamma_([12])$", r".ls\1.gamma"))
 
 
 def _options(sd):
     """What an encoder's state dict says it was built with beyond the tensors' shapes, in words."""
     ls = "LayerScale" if any(k.endswith(".ls1.gamma") for k in sd) else "no LayerScale"
-    return ls + (f", {sd['reg_token'].shape[1]} register tokens" if "reg_token" in sd else ", no register tokens")
+    return ls + (f", {sd['reg_token'].shape[1]} register tokens" if "reg_token" in sd
+                 else ", no register tokens")
 
 
 def load_pretrained(model, path):
@@ -307,16 +313,13 @@ def load_pretrained(model, path):
     one-line error naming the file and the architecture when the weights do not fit it (tensor
     shapes, LayerScale, register tokens). A MAL checkpoint given to a MAL model loads both encoder
     and decoder (teacher weights). Prints what was missing or unused."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing file, not a checkpoint, or pickled code (refused by weights_only)
-        raise ValueError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    sd = util.load_checkpoint(path, "pretrained weights")
     for key in ("teacher", "model", "state_dict", "module"):  # teacher: this project's checkpoints
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: no state dict of tensors found (keys: {list(sd)[:8]})")
+        raise util.InputError(f"{path}: no state dict of tensors found (keys: {list(sd)[:8]})")
     enc, dec = {}, {}
     for k, v in sd.items():
         for wrapper in ("module.", "backbone."):
@@ -341,7 +344,7 @@ def load_pretrained(model, path):
         try:
             enc["pos_embed"] = resample_pos_embed(pe, (gs, gs))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise util.InputError(f"{path}: {e}") from e
     target = {"encoder": (encoder, enc)}
     if isinstance(model, MAL) and dec:
         target["decoder"] = (model.decoder, dec)
@@ -352,11 +355,11 @@ def load_pretrained(model, path):
             if k not in own:
                 unused.append(k)
             elif own[k].shape != v.shape:
-                raise ValueError(f"{path}: {part} tensor {k} has shape {tuple(v.shape)} in the file but "
+                raise util.InputError(f"{path}: {part} tensor {k} has shape {tuple(v.shape)} in the file but "
                                  f"{tuple(own[k].shape)} in {arch} (a checkpoint for another "
                                  f"architecture or patch size?)")
         if part == "encoder" and _options(weights) != _options(own):
-            raise ValueError(f"{path}: the file's encoder has {_options(weights)} but {arch} has "
+            raise util.InputError(f"{path}: the file's encoder has {_options(weights)} but {arch} has "
                              f"{_options(own)} (a checkpoint for another architecture?)")
         missing += [f"{part}.{k}" for k in own if k not in weights]
         module.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
@@ -391,7 +394,8 @@ class MaskDecoder(nn.Module):
 class MAL(nn.Module):
     """The task network (and, as an EMA copy, the teacher): forward(x [B,3,S,S]) -> logits [B, 2S/p, 2S/p]."""
 
-    def __init__(self, arch="vit_base", patch_size=16, img_size=512, drop_path=0.0, depth=None, decoder_dim=256):
+    def __init__(self, arch="vit_base", patch_size=16, img_size=512, drop_path=0.0, depth=None,
+                 decoder_dim=256):
         super().__init__()
         self.encoder = vit(arch, patch_size=patch_size, img_size=img_size, drop_path=drop_path, depth=depth)
         self.decoder = MaskDecoder(self.encoder.embed_dim, decoder_dim)
@@ -488,12 +492,8 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weig
     if not use_crf_kernel:
         with torch.no_grad():
             return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
-    try:
-        import crf_ext
-        fast = crf_ext.available(prob.device)
-        reason = None if fast else crf_ext.unavailable_reason(prob.device)
-    except Exception as e:  # an import error of the package itself
-        fast, reason = False, f"{type(e).__name__}: {e}"
+    fast = crf_ext.available(prob.device)
+    reason = None if fast else crf_ext.unavailable_reason(prob.device)
     if dev not in _crf_path_logged:
         _crf_path_logged.add(dev)
         if fast:
@@ -507,32 +507,68 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weig
         return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
 
 
-def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0, size=None):
+@dataclasses.dataclass(frozen=True)
+class Flood:
+    """A mean field with a weak unary τ (unary_weight) and ω near the critical 1/(4k̄) (0.25 for 8
+    neighbours of affinity ~1): a slow diffusion, in which the crop outside the box, held at
+    background, floods every region connected to it through similar colours (a crescent's or an L's
+    concavity, the gaps between limbs), and regions closed off by colour edges follow the network.
+    It takes ~L² iterations to reach L pixels deep, hence the low resolution `size`. Where edges
+    are soft or the object is textured it also eats into the object from its rim, in thin bands:
+    crf_loss takes from it only the regions at least 2·open_radius + 1 pixels across (opening)."""
+    iters: int = 1000
+    zeta: float = 0.3
+    omega: float = 0.25
+    unary_weight: float = 1e-4
+    size: int = 24
+    open_radius: int = 2
+
+
+def opening(mask, r):
+    """Morphological opening of a bool mask [B,H,W] by a (2r+1)² square: the parts at least that thick
+    (beyond the crop's edge counts as inside, so the edge does not erode)."""
+    k, x = 2 * r + 1, mask.float()[:, None]
+    return F.max_pool2d(-F.max_pool2d(-x, k, 1, r), k, 1, r)[:, 0] > 0.5
+
+
+def mean_field_labels(avg, image, box_mask, size=None, **mf):
+    """Hard labels (bool, at avg's resolution) of the mean field (refine, options mf) run at `size`:
+    the image area-down, the box max-pooled, avg area-down, and Q resized back bilinearly."""
+    S = avg.shape[-1]
+    if size and size != S:
+        image, box_mask = crop_to_loss_size(image, box_mask, size)
+        avg = F.interpolate(avg[:, None], size=(size, size), mode="area")[:, 0]
+    q = refine(image, avg, box_mask, **mf)
+    if q.shape[-1] != S:
+        q = F.interpolate(q[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    return q > 0.5
+
+
+def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0,
+             size=None, flood=None):
     """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l).
 
     unary_weight τ scales the unary of Eq. 3 (as in refine) and size is the resolution the mean
-    field runs at (default: the loss's; its labels are resized back). With τ = 1 the mean field is a
-    local majority vote that moves the mask's edges to nearby colour edges but keeps a region the
-    network fills with confidence, such as the concavity of a crescent. With a weak unary (τ ~ 1e-4)
-    and ω near the critical 1/(4k̄) (0.25 for 8 neighbours of affinity ~1) it becomes a slow
-    diffusion: the crop outside the box, held at background, floods every region connected to it
-    through similar colours, and regions closed off by colour edges follow the network. That takes
-    ~L² iterations to reach L pixels deep, hence the lower resolution."""
+    field runs at (default: the loss's). With τ = 1 (the paper) the mean field is a local majority
+    vote that moves the mask's edges to nearby colour edges but keeps a region the network fills
+    with confidence, such as the concavity of a crescent. flood (a Flood, or None) takes from the
+    labels what a flood of the box's outside takes from them in pieces at least 2r + 1 pixels
+    across: the concavities and gaps that the box's background reaches, not the thin bands it eats
+    along soft edges."""
     with torch.no_grad():
         avg = (prob.detach() + teacher_prob) / 2
-        S = avg.shape[-1]
-        if size and size != S:
-            image, box_mask = crop_to_loss_size(image, box_mask, size)
-            avg = F.interpolate(avg[:, None], size=(size, size), mode="area")[:, 0]
-        q = refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega, unary_weight=unary_weight)
-        if q.shape[-1] != S:
-            q = F.interpolate(q[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
-        labels = (q > 0.5).float()
-    return dice(prob, labels).mean()
+        labels = mean_field_labels(avg, image, box_mask, size, iters=iters, zeta=zeta, omega=omega,
+                                   unary_weight=unary_weight)
+        if flood is not None:
+            flooded = mean_field_labels(avg, image, box_mask, flood.size, iters=flood.iters, zeta=flood.zeta,
+                                        omega=flood.omega, unary_weight=flood.unary_weight)
+            labels = labels & ~opening(labels & ~flooded, flood.open_radius)
+    return dice(prob, labels.float()).mean()
 
 
 def ramp(step, length):
-    """Linear loss-weight ramp to 1 over the first `length` steps (step counts from 0) (the public recipe ramps MIL over 1k, CRF over 4k)."""
+    """Linear loss-weight ramp to 1 over the first `length` steps (step counts from 0) (the public
+    recipe ramps MIL over 1k, CRF over 4k)."""
     return 1.0 if length <= 0 else min(1.0, (step + 1) / length)
 
 
@@ -543,7 +579,8 @@ def loss_weights(step, *, alpha_mil=4.0, alpha_crf=0.5, mil_ramp=1000, crf_ramp=
 
 def upsample_logits(logits, size):
     """Mask logits [B, h, w] to [B, size, size], bilinear, in float32."""
-    return F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0]
 
 
 def crop_to_loss_size(image, box_mask, size):
@@ -557,18 +594,19 @@ def crop_to_loss_size(image, box_mask, size):
 
 def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, alpha_crf=0.5,
              mil_ramp=1000, crf_ramp=4000, loss_size=128, crf_iters=100, zeta=0.5, omega=2.0,
-             crf_unary=1.0, crf_size=None):
+             crf_unary=1.0, crf_size=None, flood=None):
     """Eq. 1: L = α_mil·L_mil + α_crf·L_crf, each weight ramped in. logits / teacher_logits
     [B, h, w] from the task network and the teacher; image [B,3,S,S] the un-jittered crop (what the
-    teacher sees, the CRF's colours); box_mask [B,S,S]. crf_unary, crf_size: crf_loss's
-    unary_weight and size. Returns (loss, dict of detached terms)."""
+    teacher sees, the CRF's colours); box_mask [B,S,S]. crf_unary, crf_size, flood: crf_loss's
+    unary_weight, size and flood. Returns (loss, dict of detached terms)."""
     image, box_mask = crop_to_loss_size(image, box_mask, loss_size)
     prob = upsample_logits(logits, loss_size).sigmoid()
     teacher_prob = upsample_logits(teacher_logits, loss_size).sigmoid()
     l_mil = mil_loss(prob, box_mask)
     l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega,
-                     unary_weight=crf_unary, size=crf_size)
-    w_mil, w_crf = loss_weights(step, alpha_mil=alpha_mil, alpha_crf=alpha_crf, mil_ramp=mil_ramp, crf_ramp=crf_ramp)
+                     unary_weight=crf_unary, size=crf_size, flood=flood)
+    w_mil, w_crf = loss_weights(step, alpha_mil=alpha_mil, alpha_crf=alpha_crf, mil_ramp=mil_ramp,
+                                crf_ramp=crf_ramp)
     loss = w_mil * l_mil + w_crf * l_crf
     return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}
 

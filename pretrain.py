@@ -33,21 +33,23 @@ import torch.nn as nn
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import coco
 import data
 import mal
+import recipes
 import synthetic
-import train
+import util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
 # training set, what MAL then trains on, so that `train.py --demo --init demo/pretrain/last.pt` works.
-DEMO = dict(json=train.DEMO_DATA["train_json"], images=train.DEMO_DATA["images"], views="boxes", min_area=train.DEMO["min_area"],
-            arch=train.DEMO["arch"], depth=train.DEMO["depth"], patch_size=train.DEMO["patch_size"],
-            img_size=train.DEMO["img_size"], decoder_dim=128, decoder_depth=1, decoder_heads=4, batch_size=32,
-            epochs=8, lr_per_image=1e-4, warmup_steps=30, out=os.path.join(HERE, "demo", "pretrain"), workers=1,
-            vis=8)
+DEMO = dict(json=recipes.DEMO_DATA["train_json"], images=recipes.DEMO_DATA["images"], views="boxes",
+            min_area=recipes.DEMO["min_area"], arch=recipes.DEMO["arch"], depth=recipes.DEMO["depth"],
+            patch_size=recipes.DEMO["patch_size"], img_size=recipes.DEMO["img_size"], decoder_dim=128,
+            decoder_depth=1, decoder_heads=4, batch_size=32, epochs=8, lr_per_image=1e-4, warmup_steps=30,
+            out=os.path.join(HERE, "demo", "pretrain"), workers=1, vis=8)
 
 # ----------------------------------------------------------------------------------------------
 # The model: mal's ViT encoder plus MAE's decoder.
@@ -130,7 +132,8 @@ class MaskedAutoencoder(mal.VisionTransformer):
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, decoder_dim))
-        self.decoder_blocks = nn.ModuleList(mal.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(mal.Block(decoder_dim, decoder_heads)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
         # MAE's initialisation: xavier_uniform for every linear map (the patch embedding as one),
@@ -164,7 +167,8 @@ class MaskedAutoencoder(mal.VisionTransformer):
         """Encoded visible patches + mask tokens at the masked positions -> pixels of all N patches."""
         x = self.decoder_embed(latent)
         B, D, N = len(x), x.shape[-1], self.decoder_pos_embed.shape[1] - 1
-        tokens = self.mask_token.to(x.dtype).expand(B, N, D).scatter(1, ids_keep[..., None].expand(-1, -1, D), x[:, 1:])
+        tokens = self.mask_token.to(x.dtype).expand(B, N, D).scatter(1, ids_keep[..., None].expand(-1, -1, D),
+                                                                     x[:, 1:])
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -190,7 +194,8 @@ def find_images(folder):
             dirs[:] = []
             continue
         seen.add(real)
-        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
 
@@ -240,7 +245,8 @@ class ImageViews(torch.utils.data.Dataset):
         view = img.resize((self.size, self.size), Image.BICUBIC, box=random_resized_box(*img.size, g))
         if torch.rand(1, generator=g).item() < 0.5:
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        return dict(image=torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous(), error=None)
+        return dict(image=torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous(),
+                    error=None)
 
 
 class BoxViews(torch.utils.data.Dataset):
@@ -249,7 +255,8 @@ class BoxViews(torch.utils.data.Dataset):
 
     def __init__(self, ann_json, image_dir, size, min_area, seed=0):
         self.boxes = data.BoxDataset(ann_json, image_dir, size=size, train=True, color_aug=False,
-                                     min_area=min_area, seed=seed, report=False)  # the loop reports once per file
+                                     min_area=min_area, seed=seed,
+                                     report=False)  # the loop reports once per file
 
     def __len__(self):
         return len(self.boxes)
@@ -272,7 +279,8 @@ class BoxViews(torch.utils.data.Dataset):
 def collate_views(samples):
     """dict(image=uint8 [n, 3, S, S] of the readable views (n may be 0), errors=[the others' errors])."""
     good = [s["image"] for s in samples if s["error"] is None]
-    image = torch.stack(good) if good else samples[0]["image"].new_empty((0,) + tuple(samples[0]["image"].shape))
+    image = (torch.stack(good) if good
+             else samples[0]["image"].new_empty((0,) + tuple(samples[0]["image"].shape)))
     return dict(image=image, errors=[s["error"] for s in samples if s["error"] is not None])
 
 
@@ -314,14 +322,15 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
     original = to_uint8(images).cpu()
     masked = patchify(original, p).clone()
     masked[mask] = 128
-    panels = [original, unpatchify(masked, p, h, w), to_uint8(reconstruct_pixels(pred, images, p, norm_pix)).cpu()]
+    panels = [original, unpatchify(masked, p, h, w),
+              to_uint8(reconstruct_pixels(pred, images, p, norm_pix)).cpu()]
     os.makedirs(out_dir, exist_ok=True)
     gap = torch.full((3, original.shape[-2], 2), 255, dtype=torch.uint8)
     written = []
     for k in range(len(original)):
         row = torch.cat([t for panel in panels for t in (panel[k], gap)][:-1], dim=-1)
         path = os.path.join(out_dir, f"{k:03d}.png")
-        with data.atomic_file(path) as f:
+        with util.atomic_file(path) as f:
             Image.fromarray(row.permute(1, 2, 0).numpy()).save(f, format="PNG")
         written.append(path)
     return written
@@ -331,7 +340,7 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
 # The command line and the loop
 
 
-class HelpFormatter(data.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(util.HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Each flag's default, and the epilog's tables as written."""
 
 
@@ -358,14 +367,17 @@ the demo (no arguments, or --demo with flags that override it):
 A killed run continues with the same command plus --resume.""")
     a = p.add_argument
     a("--demo", action="store_true", help="pretrain on the embedded demo set (the default with no arguments)")
-    a("--images", help="image folder: every image under it, or the folder that --json's file_name is relative to")
+    a("--images",
+      help="image folder: every image under it, or the folder that --json's file_name is relative to")
     a("--json", help="COCO-format JSON: its boxes' RoI crops (or, with --views images, its images)")
     a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
-    a("--min-area", type=float, default=data.RECIPE_MIN_AREA, help="box views: skip boxes smaller than this many px²")
+    a("--min-area", type=float, default=data.RECIPE_MIN_AREA,
+      help="box views: skip boxes smaller than this many px²")
     a("--arch", default="vit_base", choices=ARCHS, help="ViT image encoder")
     a("--depth", type=int, default=None, help="override the encoder's number of blocks")
     a("--patch-size", type=int, default=16, help="ViT patch size")
-    a("--img-size", type=int, default=224, help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
+    a("--img-size", type=int, default=224,
+      help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
     a("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked (MAE: 0.75)")
     a("--norm-pix", action=argparse.BooleanOptionalAction, default=True,
       help="targets: each patch's pixels normalised by its own mean and variance (MAE's default), or "
@@ -375,20 +387,22 @@ A killed run continues with the same command plus --resume.""")
     a("--decoder-heads", type=int, default=16, help="attention heads of MAE's decoder (MAE: 16)")
     a("--batch-size", type=int, default=64, help="views per process per micro-step")
     a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--epochs", type=int, default=400, help="epochs; the learning-rate schedule spans all of them (MAE: 800)")
+    a("--epochs", type=int, default=400,
+      help="epochs; the learning-rate schedule spans all of them (MAE: 800)")
     a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
     a("--lr-per-image", type=float, default=1.5e-4 / 256,
       help="peak learning rate per image of the global batch (MAE: base lr 1.5e-4 per 256 images)")
-    a("--warmup-steps", type=int, default=None,
-      help="linear warm-up steps before the cosine decay to 0 (default: 5%% of all steps, as MAE's 40 of 800 epochs)")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay to 0 "
+      "(default: 5%% of all steps, as MAE's 40 of 800 epochs)")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
     a("--out", default="runs/mae", help="run folder (last.pt, log.jsonl, vis/)")
     a("--resume", nargs="?", const="last", default=None,
       help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
     a("--seed", type=int, default=0, help="seed of the weights, the data order, the views and the masks")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    a("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
     a("--workers", type=int, default=4, help="DataLoader worker processes per process")
-    a("--save-every", type=int, default=1000, help="write last.pt every this many steps")
+    a("--save-minutes", type=float, default=10.0, help="write last.pt about this often")
+    a("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
     a("--log-every", type=float, default=5.0, help="seconds between progress lines")
     a("--vis", type=int, default=0, help="at the end, write N reconstruction PNGs to OUT/vis/")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -405,116 +419,122 @@ A killed run continues with the same command plus --resume.""")
         p.error(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     n = (args.img_size // args.patch_size) ** 2
     if not 1 <= num_visible(n, args.mask_ratio) < n:
-        p.error(f"--mask-ratio {args.mask_ratio} leaves {num_visible(n, args.mask_ratio)} of {n} patches visible; "
-                f"at least one must be visible and one masked")
+        p.error(f"--mask-ratio {args.mask_ratio} leaves {num_visible(n, args.mask_ratio)} of {n} patches "
+                f"visible; at least one must be visible and one masked")
     if args.decoder_dim % 4 or args.decoder_dim % args.decoder_heads:
-        p.error(f"--decoder-dim {args.decoder_dim} must be divisible by 4 (sine-cosine) and by --decoder-heads")
+        p.error(f"--decoder-dim {args.decoder_dim} must be divisible by 4 (sine-cosine) and by "
+                f"--decoder-heads")
     return args
 
 
 def make_views(args):
-    """The dataset the flags ask for; a one-line SystemExit naming the file or folder otherwise."""
+    """The dataset the flags ask for; an InputError naming the file or folder otherwise."""
     if not os.path.isdir(args.images):
-        raise SystemExit(f"{args.images}: no such image folder")
-    if args.json and not os.path.isfile(args.json):
-        raise SystemExit(f"{args.json}: no such file")
-    try:
-        if args.views == "boxes":
-            return BoxViews(args.json, args.images, args.img_size, args.min_area, args.seed)
-        if args.json:
-            with open(args.json) as f:
-                files = [im["file_name"] for im in json.load(f)["images"]]
-        else:
-            files = find_images(args.images)
-            if not files:
-                raise SystemExit(f"{args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
-        return ImageViews(args.images, files, args.img_size, args.seed)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{args.json or args.images}: cannot read the {args.views} ({type(e).__name__}: {e})")
+        raise util.InputError(f"--images {args.images}: no such image folder")
+    if args.views == "boxes":
+        return BoxViews(args.json, args.images, args.img_size, args.min_area, args.seed)
+    if args.json:
+        files = [im["file_name"] for im in coco.read_instances(args.json, "--json")["images"]]
+    else:
+        files = find_images(args.images)
+        if not files:
+            raise util.InputError(f"{args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+    return ImageViews(args.images, files, args.img_size, args.seed)
+
+
+def make_model(args, device, lr):
+    """MAE's encoder and decoder, and their AdamW: no weight decay on norms, biases and the tokens
+    (the position embeddings are fixed)."""
+    torch.manual_seed(args.seed)
+    model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size, depth=args.depth,
+                      decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                      decoder_heads=args.decoder_heads)
+    net = MaskedAutoencoder(**model_args).to(device)
+    opt = util.adamw(net.named_parameters(), lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+                     no_decay=("cls_token", "mask_token"), fused=device.type == "cuda")
+    return net, model_args, opt
+
+
+def save(path, d, net, opt, mask_rng, model_args, step, epoch, args):
+    """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
+    rng = [{"mask": mask_rng.get_state()}]
+    if d.ddp:
+        rng = rng * d.world
+        dist.all_gather_object(rng, rng[0])
+    if d.rank == 0:
+        with util.atomic_file(path) as f:
+            torch.save({"model": net.state_dict(), "model_args": model_args, "optimizer": opt.state_dict(),
+                        "step": step, "epoch": epoch, "world": d.world, "rng": rng, "args": vars(args)}, f)
+
+
+def log_line(logf, sums, epoch, step, stop_step, lr, rate, global_batch, unreadable):
+    """A progress line on stderr and in log.jsonl: the mean loss since the last, rate and ETA."""
+    loss_sum, n = sums.tolist()  # the only host sync, here
+    eta = (stop_step - step) * global_batch / max(rate, 1e-9)
+    rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_sum / max(n, 1), lr=lr, images_per_s=rate,
+               eta_s=eta, unreadable=unreadable)
+    print(f"epoch {epoch} step {step}/{stop_step} loss {rec['loss']:.4f} lr {lr:.3g} {rate:.1f} img/s "
+          f"ETA {eta / 60:.1f} min" + (f" ({unreadable} unreadable views skipped on rank 0)" if unreadable
+                                       else ""), file=sys.stderr, flush=True)
+    logf.write(json.dumps(rec) + "\n")
+    logf.flush()
+
+
+RESUME_KEYS = ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio",
+               "norm_pix")
 
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, world, device = train.init_distributed(args.device)
-    master = rank == 0
+    try:
+        d = util.setup_distributed(args.device)
+        if args.demo and d.rank == 0:
+            synthetic.make_demo(recipes.DEMO_ROOT)
+        util.barrier(d)
+        dataset = make_views(args)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, d.world, d.rank, shuffle=True,
+                                                                  seed=args.seed, drop_last=True)
+        steps_per_epoch = util.steps_per_epoch(sampler, args.batch_size, args.accum, d.world,
+                                               f"{args.json or args.images}: {len(dataset)} views")
+        global_batch = args.batch_size * args.accum * d.world
+        peak_lr = args.lr_per_image * global_batch
+        net, model_args, opt = make_model(args, d.device, peak_lr)
+        ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+        ck = util.resume_state(ckpt_path, dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
+                               "pretrain.py") if args.resume else None
+    except util.InputError as e:
+        util.fail("pretrain.py", e)
+    device, master = d.device, d.rank == 0
     log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
-    if args.demo and master:
-        synthetic.make_demo(train.DEMO_ROOT)
-    if ddp:
-        dist.barrier()
-    dataset = make_views(args)
     log(f"views: {args.views} at {args.img_size}px, {dataset.describe()}")
     os.makedirs(args.out, exist_ok=True)
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
-                                                              drop_last=True)
-    steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{args.json or args.images}: {len(dataset)} views are fewer than one global batch "
-                         f"({args.batch_size} × {args.accum} × {world} processes)")
     total_steps = args.epochs * steps_per_epoch
     stop_step = min(total_steps, args.max_steps or total_steps)
     warmup = round(0.05 * total_steps) if args.warmup_steps is None else args.warmup_steps
-    global_batch = args.batch_size * args.accum * world
-    peak_lr = args.lr_per_image * global_batch
-
-    torch.manual_seed(args.seed)
-    model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size, depth=args.depth,
-                      decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
-    net = MaskedAutoencoder(**model_args).to(device)
     num_patches = (args.img_size // args.patch_size) ** 2
-    # No weight decay on norms, biases and the tokens; the position embeddings are fixed.
-    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    decays = {n: p.ndim > 1 and n not in ("cls_token", "mask_token") for n, p in params}
-    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays[n]], "weight_decay": args.weight_decay},
-                             {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}],
-                            lr=peak_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     # Masks are drawn on the CPU from a generator of their own: the same masks on any device, and
     # its state (one per rank) is all the randomness a resume has to restore.
-    mask_rng = torch.Generator().manual_seed(args.seed + 1000003 * rank)
+    mask_rng = torch.Generator().manual_seed(args.seed + 1000003 * d.rank)
     step, epoch = 0, 0
-    ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"{ckpt_path}: no checkpoint to resume from")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = dict(ckpt["args"], world=ckpt["world"], model_args=ckpt["model_args"])
-            state = ckpt["model"], ckpt["optimizer"], ckpt["rng"][rank]["mask"]
-        except Exception as e:
-            raise SystemExit(f"{ckpt_path}: not a pretrain.py checkpoint ({type(e).__name__}: {e})")
-        # The data position, the masks and the schedule follow from these: a resume must keep them.
-        now = dict(vars(args), world=world, model_args=model_args)
-        for key in ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio", "norm_pix"):
-            if saved.get(key) != now[key]:
-                raise SystemExit(f"{ckpt_path}: {key} was {saved.get(key)} and is now {now[key]}; "
-                                 f"resume with the same value")
-        net.load_state_dict(state[0])
-        opt.load_state_dict(state[1])
-        mask_rng.set_state(state[2])
-        step, epoch = ckpt["step"], ckpt["epoch"]
+    if ck:
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        mask_rng.set_state(ck["rng"][d.rank]["mask"])
+        step, epoch = ck["step"], ck["epoch"]
         log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
-    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def checkpoint(path):
-        """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
-        rng = [{"mask": mask_rng.get_state()}]
-        if ddp:
-            rng = rng * world
-            dist.all_gather_object(rng, rng[0])
-        if master:
-            with data.atomic_file(path) as f:
-                torch.save({"model": net.state_dict(), "model_args": model_args, "optimizer": opt.state_dict(),
-                            "step": step, "epoch": epoch, "world": world, "rng": rng, "args": vars(args)}, f)
-
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if d.ddp else net
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
     log(f"MAE {args.arch}/{args.patch_size} at {args.img_size}px, mask ratio {args.mask_ratio} "
         f"({num_visible(num_patches, args.mask_ratio)} of {num_patches} patches visible), decoder "
-        f"{args.decoder_depth}×{args.decoder_dim} on {world}× {device.type}: {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps in all, stop at {stop_step}; global batch {global_batch}, peak lr {peak_lr:.3g}, "
-        f"warm-up {warmup} steps")
+        f"{args.decoder_depth}×{args.decoder_dim} on {d.world}× {device.type}: "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
+        f"global batch {global_batch}, peak lr {peak_lr:.3g}, warm-up {warmup} steps")
     logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     t_log, t0, step0 = time.time(), time.time(), step
     sums, unreadable, reported = None, 0, set()  # this rank's skipped views, and the errors it has printed
+    clock = util.SaveClock(step, args.save_minutes, args.save_every, d)
+    state = lambda: (d, net, opt, mask_rng, model_args, step, epoch, args)  # noqa: E731  what save() writes
     while step < stop_step:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(epoch)
@@ -522,12 +542,12 @@ def main(argv=None):
         done_in_epoch = step - epoch * steps_per_epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size,
-            sampler=train.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
-            num_workers=args.workers, collate_fn=collate_views, pin_memory=device.type == "cuda", drop_last=True,
-            generator=torch.Generator().manual_seed(args.seed + epoch))
+            sampler=util.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
+            num_workers=args.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
+            drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
         batches = iter(loader)
         for _ in range(done_in_epoch, steps_per_epoch):
-            lr = train.lr_at(step, total_steps, peak_lr, warmup, 0.0)
+            lr = util.lr_at(step, total_steps, peak_lr, warmup, 0.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             for micro in range(args.accum):
@@ -542,11 +562,11 @@ def main(argv=None):
                     images, weight = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8), 0.0
                 images = data.normalize(images.to(device, non_blocking=True))
                 ids_keep, mask = random_masking(len(images), num_patches, args.mask_ratio, mask_rng)
-                sync = micro == args.accum - 1 or not ddp
+                sync = micro == args.accum - 1 or not d.ddp
                 with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
                     pred = model(images, ids_keep.to(device, non_blocking=True))
-                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True), args.patch_size,
-                                               args.norm_pix)
+                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True),
+                                               args.patch_size, args.norm_pix)
                     (loss * weight).backward()
                 term = torch.stack([loss.detach(), torch.ones_like(loss)]) * (weight > 0)
                 sums = term if sums is None else sums + term
@@ -554,37 +574,28 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             step += 1
             if master and (time.time() - t_log > args.log_every or step == stop_step):
-                loss_sum, n = sums.tolist()  # the only host sync, here
-                rate = (step - step0) * global_batch / (time.time() - t0)
-                eta = (stop_step - step) * global_batch / max(rate, 1e-9)
-                rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_sum / max(n, 1), lr=lr,
-                           images_per_s=rate, eta_s=eta, unreadable=unreadable)
-                log(f"epoch {epoch} step {step}/{stop_step} loss {rec['loss']:.4f} lr {lr:.3g} "
-                    f"{rate:.1f} img/s ETA {eta / 60:.1f} min"
-                    + (f" ({unreadable} unreadable views skipped on rank 0)" if unreadable else ""))
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+                log_line(logf, sums, epoch, step, stop_step, lr,
+                         (step - step0) * global_batch / (time.time() - t0), global_batch, unreadable)
                 t_log, t0, step0, sums = time.time(), time.time(), step, None
-            if step % args.save_every == 0:
-                checkpoint(os.path.join(args.out, "last.pt"))
+            if clock.due(step):
+                save(os.path.join(args.out, "last.pt"), *state())
             if step >= stop_step:
                 break
         del batches, loader
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
-    checkpoint(os.path.join(args.out, "last.pt"))
-    if ddp:
+    save(os.path.join(args.out, "last.pt"), *state())
+    if d.ddp:
         counts = torch.tensor([unreadable], device=device)
         dist.all_reduce(counts)
         unreadable = int(counts.item())
     log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
-        + (f"; {unreadable} unreadable views skipped on {world} ranks" if unreadable else ""))
+        + (f"; {unreadable} unreadable views skipped on {d.world} ranks" if unreadable else ""))
     if master and args.vis:
         written = write_reconstructions(net, dataset, args.vis, os.path.join(args.out, "vis"), device,
                                         args.mask_ratio, args.seed, autocast, args.norm_pix)
         log(f"{len(written)} reconstructions in {os.path.join(args.out, 'vis')}")
-    if ddp:
-        dist.destroy_process_group()
+    util.shutdown(d)
 
 
 if __name__ == "__main__":

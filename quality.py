@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data
+import recipes
 import synthetic
 import train
+import util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,12 +49,12 @@ def nuclei_files():
     one-line error saying how to install it when it is missing."""
     spec = importlib.util.find_spec(NUCLEI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the nuclei set needs the {NUCLEI_PACKAGE} files: {NUCLEI_INSTALL}")
+        raise util.InputError(f"the nuclei set needs the {NUCLEI_PACKAGE} files: {NUCLEI_INSTALL}")
     folder = os.path.join(list(spec.submodule_search_locations)[0], "sample_images")
     paths = tuple(os.path.join(folder, f) for f in ("nuclei.tif", "nuclei_label.tif"))
     for p in paths:
         if not os.path.isfile(p):
-            raise ValueError(f"{p}: not found in the installed {NUCLEI_PACKAGE} ({NUCLEI_INSTALL})")
+            raise util.InputError(f"{p}: not found in the installed {NUCLEI_PACKAGE} ({NUCLEI_INSTALL})")
     return paths
 
 
@@ -76,7 +77,7 @@ def _frames(path, indices):
     with Image.open(path) as im:
         n = getattr(im, "n_frames", 1)
         if max(indices) >= n:
-            raise ValueError(f"{path}: {n} slices, slice {max(indices)} asked for")
+            raise util.InputError(f"{path}: {n} slices, slice {max(indices)} asked for")
         out = []
         for k in indices:
             im.seek(k)
@@ -100,9 +101,10 @@ def make_nuclei(root, image_stack=None, label_stack=None, slices=NUCLEI_SLICES, 
         os.makedirs(os.path.join(r, "images"), exist_ok=True)
         for z, pixels, labels in zip(slices, _frames(image_stack, slices), _frames(label_stack, slices)):
             if pixels.shape != labels.shape:
-                raise ValueError(f"{image_stack}, {label_stack}: slice {z} is {pixels.shape} and {labels.shape}")
+                raise util.InputError(f"{image_stack}, {label_stack}: slice {z} is {pixels.shape} and "
+                                      f"{labels.shape}")
             file_name = f"slice{z:03d}.png"
-            with data.atomic_file(os.path.join(r, "images", file_name)) as f:
+            with util.atomic_file(os.path.join(r, "images", file_name)) as f:
                 Image.fromarray(stretch(pixels)).convert("RGB").save(f, format="PNG")
             H, W = labels.shape
             images.append(dict(id=len(images) + 1, file_name=file_name, width=W, height=H))
@@ -111,8 +113,10 @@ def make_nuclei(root, image_stack=None, label_stack=None, slices=NUCLEI_SLICES, 
                 if m.sum() >= min_area:
                     annotations.append(synthetic.mask_annotation(len(annotations) + 1, len(images), 1, m))
         rel = synthetic.write_coco(r, "train", images, annotations, [{"id": 1, "name": "nucleus"}],
-                                   f"nuclei: {os.path.basename(image_stack)} slices {slices}", _NUCLEI_VERSION)
-        return dict(train_json=rel, train_images="images"), [rel] + [f"images/{im['file_name']}" for im in images]
+                                   f"nuclei: {os.path.basename(image_stack)} slices {slices}",
+                                   _NUCLEI_VERSION)
+        return (dict(train_json=rel, train_images="images"),
+                [rel] + [f"images/{im['file_name']}" for im in images])
 
     return synthetic.cached_set(root, params, build)
 
@@ -147,9 +151,10 @@ def paper_flags():
     """The paper's recipe at the demo's CPU scale: train.py's own loss, EMA and augmentation
     defaults, with the demo's model, crop size and schedule; its CRF loss at the loss size."""
     d = train.get_args(["--train-json", "-", "--images", "-"])
-    return ["--demo", "--crf-iters", str(d.crf_iters), "--crf-unary", f"{d.crf_unary:g}", "--zeta", f"{d.zeta:g}",
-            "--omega", f"{d.omega:g}", "--crf-size", str(train.DEMO["loss_size"]), "--ema", f"{d.ema:g}",
-            "--color-aug" if d.color_aug else "--no-color-aug"]
+    return ["--demo", "--crf-iters", str(d.crf_iters), "--crf-unary", f"{d.crf_unary:g}",
+            "--zeta", f"{d.zeta:g}", "--omega", f"{d.omega:g}", "--crf-size", str(recipes.DEMO["loss_size"]),
+            "--ema", f"{d.ema:g}", "--color-aug" if d.color_aug else "--no-color-aug",
+            "--flood" if d.flood else "--no-flood"]
 
 
 # Recipes as train.py flags. `upper`: the same network trained on the GT masks (the upper bound).
@@ -162,20 +167,11 @@ RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "upper": lambda: ["
 # same; a killed one resumes.
 
 
-def epochs_for(train_flags, paths, steps):
-    """Epochs that give about `steps` optimizer steps on this set (the demo's budget is 750)."""
-    args = train.get_args(train_flags + ["--train-json", paths["train_json"], "--images", paths["train_images"]])
-    n = len(data.BoxDataset(paths["train_json"], paths["train_images"], train=False, min_area=args.min_area))
-    per_epoch = n // (args.batch_size * args.accum)
-    if per_epoch == 0:
-        raise ValueError(f"{paths['train_json']}: {n} usable boxes are fewer than one batch of {args.batch_size}")
-    return max(1, round(steps / per_epoch))
-
-
 def run_commands(set_name, recipe, flags, paths, root, steps):
     out = os.path.join(root, "runs", set_name, recipe)
     train_cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--train-json", paths["train_json"],
-                 "--images", paths["train_images"], "--epochs", str(epochs_for(flags, paths, steps)), "--out", out]
+                 "--images", paths["train_images"], "--steps", str(steps),
+                 "--out", out]
     if paths["val"]:  # the demo's own run validates each epoch; validation draws from the RNG
         train_cmd += ["--val-json", paths["label_json"], "--val-images", paths["label_images"]]
     label_cmd = [sys.executable, os.path.join(HERE, "label.py"), "--ckpt", os.path.join(out, "last.pt"),
@@ -205,7 +201,7 @@ def run(set_name, recipe, cmds, threads):
     if not same:  # another recipe's (or a changed recipe's) run folder: start over
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
-        data.atomic_write(started, json.dumps(key, indent=1).encode())
+        util.atomic_write(started, json.dumps(key, indent=1).encode())
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     times = {}
     for what, cmd in (("train", train_cmd), ("label", label_cmd)):
@@ -215,12 +211,13 @@ def run(set_name, recipe, cmds, threads):
         with open(os.path.join(out, f"{what}.log"), "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc:
-            raise RuntimeError(f"{set_name}/{recipe}: {what} failed (exit {rc}); see {os.path.join(out, what + '.log')}")
+            raise RuntimeError(f"{set_name}/{recipe}: {what} failed (exit {rc}); "
+                               f"see {os.path.join(out, what + '.log')}")
         times[what] = (time.time() - t0) / 60
     with open(os.path.join(out, "labels.eval.json")) as f:
         ev = json.load(f)
     r = dict(commands=key, minutes=times, threads=threads, eval=ev)
-    data.atomic_write(done, json.dumps(r, indent=1).encode())
+    util.atomic_write(done, json.dumps(r, indent=1).encode())
     return r
 
 
@@ -233,7 +230,8 @@ def _f(v, digits=3):
 
 
 def _sml(ev, prefix=""):
-    return f"{_f(ev.get(prefix + 'miou'))} ({' / '.join(_f(ev.get(f'{prefix}miou_{b}')) for b in ('small', 'medium', 'large'))})"
+    return (f"{_f(ev.get(prefix + 'miou'))} "
+            f"({' / '.join(_f(ev.get(f'{prefix}miou_{b}')) for b in ('small', 'medium', 'large'))})")
 
 
 def table(results, recipes):
@@ -254,9 +252,11 @@ def table(results, recipes):
             boxes = " / ".join(str(ev.get(f"n_{b}", 0)) for b in ("small", "medium", "large"))
             ub = upper["eval"]["miou"] if upper and "eval" in upper else None
             ratio = f"{100 * ev['miou'] / ub:.0f}%" if ub else "-"
-            mins = f"{r['minutes'].get('train', 0):.1f} + {r['minutes'].get('label', 0):.1f}" if r["minutes"] else "reused"
-            lines.append(f"| {set_name} | {boxes} | {recipe} | {_sml(ev)} | {_f(ev.get('ap'))} | {_f(ev.get('box_miou'))} "
-                         f"| {_f(ev.get('ellipse_miou'))} | {_sml(upper['eval']) if ub else '-'} | {ratio} | {mins} |")
+            mins = (f"{r['minutes'].get('train', 0):.1f} + {r['minutes'].get('label', 0):.1f}" if r["minutes"]
+                    else "reused")
+            lines.append(f"| {set_name} | {boxes} | {recipe} | {_sml(ev)} | {_f(ev.get('ap'))} "
+                         f"| {_f(ev.get('box_miou'))} | {_f(ev.get('ellipse_miou'))} "
+                         f"| {_sml(upper['eval']) if ub else '-'} | {ratio} | {mins} |")
     return "\n".join(lines)
 
 
@@ -265,10 +265,10 @@ def table(results, recipes):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="The quality benchmark: for each set, train the CPU recipe at the "
-                                            "demo's budget, label the set's boxes with the checkpoint's defaults, "
-                                            "and print one table (also written as JSON).",
-                                formatter_class=data.HelpFormatter)
+    p = argparse.ArgumentParser(description="The quality benchmark: for each set, train the CPU recipe at "
+                                            "the demo's budget, label the set's boxes with the checkpoint's "
+                                            "defaults, and print one table (also written as JSON).",
+                                formatter_class=util.HelpFormatter)
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="evaluation sets")
     p.add_argument("--recipes", nargs="*", default=["demo"], choices=[r for r in RECIPES if r != "upper"],
                    help="recipes to train (the upper bound is trained too, unless --no-upper)")
@@ -277,7 +277,8 @@ def get_args(argv=None):
     p.add_argument("--upper", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the GT-mask upper bound on each set")
     p.add_argument("--steps", type=int, default=750, help="optimizer steps per run (the demo's budget)")
-    p.add_argument("--root", default=os.path.join(HERE, "runs", "quality"), help="sets and runs go here (cached)")
+    p.add_argument("--root", default=os.path.join(HERE, "runs", "quality"),
+                   help="sets and runs go here (cached)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cpu_count / jobs threads")
     p.add_argument("--json", help="write the results here (default ROOT/results.json)")
     p.add_argument("--make-sets", action="store_true", help="only make the sets")
@@ -288,8 +289,8 @@ def main(argv=None):
     args = get_args(argv)
     try:
         paths = {s: SETS[s](os.path.join(args.root, "sets", s)) for s in args.sets}
-    except ValueError as e:
-        raise SystemExit(f"quality.py: {e}")
+    except util.InputError as e:
+        util.fail("quality.py", e)
     if args.make_sets:
         return
     recipes = {r: RECIPES[r]() for r in args.recipes}
@@ -309,8 +310,8 @@ def main(argv=None):
         except (RuntimeError, OSError, ValueError) as e:
             return s, r, {"error": str(e)}
 
-    print(f"quality.py: {len(todo)} runs ({', '.join(args.sets)} × {', '.join(recipes)}), {args.jobs} at a time, "
-          f"{threads} thread(s) each", file=sys.stderr, flush=True)
+    print(f"quality.py: {len(todo)} runs ({', '.join(args.sets)} × {', '.join(recipes)}), "
+          f"{args.jobs} at a time, {threads} thread(s) each", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         for s, r, res in pool.map(one, todo):
             results[s][r] = res
@@ -322,7 +323,7 @@ def main(argv=None):
     report = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=threads, steps=args.steps,
                   recipes={r: f for r, f in recipes.items()}, results=results)
     path = args.json or os.path.join(args.root, "results.json")
-    data.atomic_write(path, json.dumps(report, indent=1).encode())
+    util.atomic_write(path, json.dumps(report, indent=1).encode())
     print(table(results, [r for r in recipes if r != "upper"]))
     print(f"quality.py: results in {path}", file=sys.stderr)
     if any("error" in r for res in results.values() for r in res.values()):

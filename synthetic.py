@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
-import data
+import util
 
 # ----------------------------------------------------------------------------------------------
 # Writing a set: COCO JSON per split (GT masks as compressed RLE), JPEG images, a manifest last.
@@ -47,7 +47,7 @@ def cached_set(root, params, build):
     t0 = time.time()
     os.makedirs(root, exist_ok=True)
     paths, files = build(root)
-    data.atomic_write(manifest, json.dumps(dict(params=params, paths=paths, files=files), indent=1).encode())
+    util.atomic_write(manifest, json.dumps(dict(params=params, paths=paths, files=files), indent=1).encode())
     print(f"made {what} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
     return {k: os.path.join(root, v) for k, v in paths.items()}
 
@@ -68,7 +68,7 @@ def write_coco(root, split, images, annotations, categories, description, versio
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     coco = dict(info=dict(description=description, version=version), images=images,
                 annotations=annotations, categories=categories)
-    data.atomic_write(os.path.join(root, rel), json.dumps(coco).encode())
+    util.atomic_write(os.path.join(root, rel), json.dumps(coco).encode())
     return rel
 
 
@@ -81,10 +81,12 @@ def _build_splits(root, splits, render, seed, name, categories, version):
         for i in range(n):
             pixels, objects = render(np.random.default_rng([seed, code, i]))
             file_name = f"{i:06d}.jpg"
-            data.atomic_write(os.path.join(root, split, file_name), _encode_jpeg(pixels))
+            util.atomic_write(os.path.join(root, split, file_name), _encode_jpeg(pixels))
             images.append(dict(id=i + 1, file_name=file_name, width=pixels.shape[1], height=pixels.shape[0]))
-            annotations += [mask_annotation(len(annotations) + 1 + j, i + 1, c, m) for j, (c, m) in enumerate(objects)]
-        rel = write_coco(root, split, images, annotations, categories, f"MAL synthetic {name} set ({split})", version)
+            annotations += [mask_annotation(len(annotations) + 1 + j, i + 1, c, m)
+                            for j, (c, m) in enumerate(objects)]
+        rel = write_coco(root, split, images, annotations, categories, f"MAL synthetic {name} set ({split})",
+                         version)
         paths[f"{split}_json"], paths[f"{split}_images"] = rel, split
         files += [rel] + [f"{split}/{im['file_name']}" for im in images]
     return paths, files
@@ -165,7 +167,8 @@ def _polygon(rng, kind, r):
     if kind == "crescent":  # disk minus a shifted disk
         d = rng.uniform(0.35, 0.6) * r
         a = rng.uniform(0, 2 * np.pi)
-        return [(r * circle, 1), (rng.uniform(0.85, 1.0) * r * circle + d * np.array([np.cos(a), np.sin(a)]), 0)]
+        return [(r * circle, 1),
+                (rng.uniform(0.85, 1.0) * r * circle + d * np.array([np.cos(a), np.sin(a)]), 0)]
     # "ell": an L-shape
     t = rng.uniform(0.35, 0.55)
     pts = np.array([(0, 0), (2, 0), (2, t), (t, t), (t, 2), (0, 2)], dtype=np.float64) - (2 + t) / 4
@@ -279,7 +282,8 @@ def _textured_background(rng, W, H):
     else:
         period, ang = rng.uniform(4, 12), rng.uniform(0, np.pi)
         t = xx * np.cos(ang) + yy * np.sin(ang)
-        grating = np.sin(2 * np.pi * t / period) * np.sin(2 * np.pi * (t + 0.3 * xx - 0.5 * yy) / (1.7 * period))
+        grating = (np.sin(2 * np.pi * t / period)
+                   * np.sin(2 * np.pi * (t + 0.3 * xx - 0.5 * yy) / (1.7 * period)))
         bg = base + rng.uniform(8, 20) * grating[..., None] + _octaves(rng, W, H, 20)
     return bg + rng.uniform(2, 6) * rng.standard_normal((H, W, 3))
 
@@ -308,7 +312,8 @@ def _draw_textured_shape(rng, kind, cx, cy, r, W, H):
         blob(cx, cy, r)
         for _ in range(int(rng.integers(1, 4))):
             d, a = rng.uniform(0, 0.4) * r, rng.uniform(0, 2 * np.pi)
-            ellipse(cx + d * np.cos(a), cy + d * np.sin(a), rng.uniform(0.12, 0.3) * r, rng.uniform(0.12, 0.3) * r, 0)
+            ellipse(cx + d * np.cos(a), cy + d * np.sin(a), rng.uniform(0.12, 0.3) * r,
+                    rng.uniform(0.12, 0.3) * r, 0)
     elif kind == "thin ring":
         w, b = thin(), r * rng.uniform(0.7, 1.0)
         ellipse(cx, cy, r, b)
@@ -318,12 +323,14 @@ def _draw_textured_shape(rng, kind, cx, cy, r, W, H):
         ellipse(cx, cy, 0.35 * r, 0.35 * r)
         for a in ang + np.sort(rng.uniform(0, 2 * np.pi, size=int(rng.integers(3, 6)))):
             L = rng.uniform(0.6, 1.0) * r
-            draw.line([(cx, cy), (cx + L * np.cos(a), cy + L * np.sin(a))], fill=1, width=max(2, round(thin())))
+            draw.line([(cx, cy), (cx + L * np.cos(a), cy + L * np.sin(a))], fill=1,
+                      width=max(2, round(thin())))
     elif kind == "worm":  # a thick, curving line
         t = np.linspace(-1, 1, 40)
         bend = rng.uniform(-0.6, 0.6) * np.sin(np.pi * (t * rng.uniform(0.5, 1.5) + rng.uniform(0, 1)))
         px, py = r * t, r * bend
-        pts = [(cx + x * np.cos(ang) - y * np.sin(ang), cy + x * np.sin(ang) + y * np.cos(ang)) for x, y in zip(px, py)]
+        pts = [(cx + x * np.cos(ang) - y * np.sin(ang), cy + x * np.sin(ang) + y * np.cos(ang))
+               for x, y in zip(px, py)]
         draw.line(pts, fill=1, width=max(3, round(rng.uniform(0.15, 0.35) * r)), joint="curve")
     else:  # dumbbell: two disks joined by a thin bar
         d, rad = 0.6 * r, rng.uniform(0.3, 0.4) * r
@@ -355,7 +362,8 @@ def _render_textured(rng, W, H):
         colour = under + rng.choice([-1, 1]) * rng.uniform(25, 80) + rng.uniform(-20, 20, size=3)
         obj = colour + _octaves(rng, W, H, rng.uniform(4, 14), coarsest=6, n=3)
         sigma = 0.0 if rng.random() < 0.25 else rng.uniform(0.7, 2.5)  # soft edges
-        alpha = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma)),
+        alpha = np.asarray(Image.fromarray((m * 255).astype(np.uint8))
+                           .filter(ImageFilter.GaussianBlur(sigma)),
                            dtype=np.float64)[..., None] / 255 if sigma else m[..., None].astype(np.float64)
         img = img * (1 - alpha) + obj * alpha
         for o in objects:
@@ -372,8 +380,9 @@ def make_textured(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
     params = dict(kind="textured", version=_TEXTURED_VERSION, n_train=int(n_train), n_val=int(n_val),
                   image_size=[W, H], seed=seed)
     splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
-    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: _render_textured(g, W, H), seed,
-                                                            "textured", TEXTURED_CATEGORIES, _TEXTURED_VERSION))
+    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: _render_textured(g, W, H),
+                                                            seed, "textured", TEXTURED_CATEGORIES,
+                                                            _TEXTURED_VERSION))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,18 +391,19 @@ def make_textured(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Make (or reuse) a synthetic COCO-format set with GT masks.",
-                                formatter_class=data.HelpFormatter)
+                                formatter_class=util.HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, what in (("demo", "the demo set: flat-coloured shapes"),
-                       ("textured", "textured backgrounds, soft edges, low contrast, grey images, thin parts, holes")):
-        s = sub.add_parser(name, help=what, formatter_class=data.HelpFormatter)
+                       ("textured", "textured backgrounds, soft edges, low contrast, "
+                                    "grey images, thin parts, holes")):
+        s = sub.add_parser(name, help=what, formatter_class=util.HelpFormatter)
         s.add_argument("--out", required=True, help="output folder (reused when already complete)")
         s.add_argument("--n-train", type=int, default=240, help="number of training images")
         s.add_argument("--n-val", type=int, default=60, help="number of validation images")
         s.add_argument("--seed", type=int, default=0, help="generator seed")
         s.add_argument("--size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"), help="image size")
     c = sub.add_parser("coco-like", help="640x480 images with ~7 boxes each, for benchmarks",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=util.HelpFormatter)
     c.add_argument("--out", required=True, help="output folder (reused when already complete)")
     c.add_argument("--n", type=int, default=100, help="number of images")
     c.add_argument("--seed", type=int, default=0, help="generator seed")

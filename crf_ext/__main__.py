@@ -12,6 +12,7 @@ import time
 import torch
 
 import crf_ext
+import mal  # the reference: python -m crf_ext runs from the project root
 
 
 def _problem(device, seed=0):
@@ -50,7 +51,6 @@ def main(argv=None):
         else:
             ok = False
             print(f"{fl}: BUILD FAILED: {st['error']}")
-    import mal  # the reference: python -m crf_ext runs from the project root
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         why = crf_ext.unavailable_reason(dev)

@@ -1,0 +1,284 @@
+"""The inference engine: a trained checkpoint's networks, and masks with their scores for boxes.
+label.py, train.py's validation and the Python API all label through it.
+"""
+import collections
+import dataclasses
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import coco
+import data
+import mal
+import recipes
+import util
+
+
+def load_checkpoint(path, mmap=False):
+    """A train.py checkpoint (a dict, weights only); InputError naming the file when it is not one."""
+    ck = util.load_checkpoint(path, "checkpoint", mmap=mmap)
+    util.need_keys(ck, ("model_args", "task"), path, "train.py checkpoint")
+    return ck
+
+
+# LabelSettings.net: whose masks
+NETS = {"task": ("task",), "teacher": ("teacher",), "avg": ("task", "teacher")}
+
+
+def build_nets(ck, net, device, path="checkpoint"):
+    """The network(s) of a loaded checkpoint that label for `net` (one of NETS), in eval mode on device."""
+    nets = []
+    for k in NETS[net]:
+        util.need_keys(ck, (k,), path, "train.py checkpoint")
+        try:
+            m = mal.MAL(**ck["model_args"])
+            m.load_state_dict(ck[k])
+        except Exception as e:  # model_args or weights that do not fit this mal.py
+            raise util.InputError(f"{path}: cannot build the {k!r} network "
+                                  f"({' '.join(str(e).split())[:300]})") from None
+        nets.append(m.eval().to(device))
+    return nets
+
+
+def input_size(nets):
+    """The crop size S the network(s) were built for."""
+    n = nets[0]
+    n = getattr(n, "module", n)  # DDP
+    n = getattr(n, "_orig_mod", n)  # torch.compile
+    enc = getattr(n, "encoder", None)
+    if enc is not None:  # a MAL: its position grid × patch size
+        return int(round(math.sqrt(enc.pos_embed.shape[1] - 1))) * enc.patch_size
+    return int(getattr(n, "img_size"))
+
+
+MASK_SCORE = "(1 - mean |max p - crosses box| over row and column bags) * mean |2p - 1| in box, pre-CRF"
+
+
+def mask_score(prob, box_mask):
+    """An estimate of each mask's IoU with its object, in [0, 1], from the network's own probabilities
+    prob [B,h,w] and the box box_mask [B,h,w] (1 inside) of its crop: MIL consistency × confidence.
+
+    MIL consistency: Eq. 2's bags, the rows and columns of the crop, should hold foreground (their max
+    p) iff they cross the box; it is 1 − the mean |max p − crosses| over the rows, averaged with the
+    same over the columns. A mask that misses part of the object, or spills over the box, loses it.
+    Confidence: the mean |2p − 1| inside the box, low where the network hesitates. Both come free
+    with the forward pass. Measured on the demo's val set (README), their product ranks the masks by
+    IoU better than either alone, than their agreement with the CRF's refinement, the teacher's mask
+    or the flipped crop's, and than products with those."""
+    rows = (prob.amax(2) - box_mask.amax(2)).abs().mean(1)
+    cols = (prob.amax(1) - box_mask.amax(1)).abs().mean(1)
+    conf = ((2 * prob - 1).abs() * box_mask).flatten(1).sum(1) / box_mask.flatten(1).sum(1).clamp_min(1)
+    return ((1 - (rows + cols) / 2) * conf).clamp(0, 1)
+
+
+@torch.inference_mode()
+def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5,
+            crf_omega=2.0, crf_unary=1.0):
+    """uint8 crops [B,3,S,S] and box masks [B,S,S] (pinned, on CPU) -> (mask probabilities [B,h,w],
+    mask_score [B]), float32 on `device`. The mean of sigmoid(logits) over the nets (and their horizontal
+    flips), optionally CRF-refined; the score is taken before the CRF (see mask_score).
+    A net is any callable: normalised float [B,3,S,S] -> logits [B,h,w] (tests inject oracles)."""
+    x = data.normalize(crops.to(device, non_blocking=True))
+    bm = box_masks.to(device, non_blocking=True).float()
+    if flip:  # one forward over [x; flip(x)]: bigger batches are cheaper than two calls
+        x = torch.cat([x, x.flip(-1)])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        probs = [net(x).float().sigmoid() for net in nets]
+    prob = torch.stack(probs).mean(0)
+    if flip:
+        B = crops.shape[0]
+        prob = (prob[:B] + prob[B:].flip(-1)) / 2
+    score = mask_score(prob, F.adaptive_max_pool2d(bm[:, None], prob.shape[-2:])[:, 0])
+    if crf_iters:
+        # The CRF sees the crop as in training: image area-down, box max-pooled to crf_size.
+        img, bm = mal.crop_to_loss_size(x[:crops.shape[0]].float(), bm, crf_size)
+        prob = F.interpolate(prob[:, None], size=(crf_size, crf_size), mode="bilinear",
+                             align_corners=False)[:, 0]
+        prob = mal.refine(img, prob, bm, iters=crf_iters, zeta=crf_zeta, omega=crf_omega,
+                          unary_weight=crf_unary)
+    return prob, score
+
+
+def _paste_batch(prob, score, event, metas, thr):
+    """Runs on a worker thread: wait for the device->host copy, then paste and RLE-encode each crop."""
+    if event is not None:
+        event.synchronize()
+    out = {}
+    for p, s, (ann_id, crop_box, box, H, W) in zip(prob, score.tolist(), metas):
+        ya, xa, region = coco.paste_region(p, crop_box, H, W, thr, box)
+        # 4 decimals: an estimate needs no more, and the last float bits may differ between batchings.
+        out[ann_id] = {"segmentation": coco.encode_region(ya, xa, region, H, W), "area": int(region.sum()),
+                       "mask_score": round(s, 4)}
+    return out
+
+
+class _Group(NamedTuple):
+    key: object
+    results: dict  # {ann_id: {'reason'}} for the boxes without a crop; the pastes add the others
+    pastes: list  # futures of _paste_batch
+
+
+class LabelStream:
+    """Labels the boxes `todo` {image_id: [ann, ...]} of `images` (image dicts, in this order) with
+    `nets` (any callables: normalised float [B,3,S,S] -> logits [B,h,w]) and a LabelSettings.
+
+    run() yields (group, {ann_id: {'segmentation', 'area', 'mask_score'} or {'reason'}}) as each
+    group of images completes; groups: a key per image (default: one group), the images of a group
+    consecutive. Crop batches never span groups, so a group's masks do not depend on which rank or
+    run labels it. The forward passes run here; pasting and RLE-encoding run on `threads` threads
+    while the next batches are predicted."""
+
+    def __init__(self, nets, settings, device, *, size=None, batch_size=32, threads=4, progress=None):
+        self.nets = nets if isinstance(nets, (list, tuple)) else [nets]
+        self.settings, self.device = settings, torch.device(device)
+        self.size, self.batch_size, self.threads, self.progress = (size or input_size(self.nets), batch_size,
+                                                                   threads, progress)
+
+    def run(self, images, todo, image_dir, groups=None, workers=0):
+        groups = groups if groups is not None else [0] * len(images)
+        boxes = {iid: [(a["id"], a["bbox"]) for a in anns] for iid, anns in todo.items()}
+        ds = data.ImageBoxes(images, boxes, image_dir, self.size, t=self.settings.expand)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                             prefetch_factor=4 if workers else None)
+        self._boxes = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for anns in todo.values() for a in anns}
+        self._pool = ThreadPoolExecutor(max(1, self.threads))
+        self._buf = []  # (crop [3,S,S] u8, box mask [S,S], meta) waiting for a full batch
+        self._finished = collections.deque()  # groups whose pastes may still be running
+        group = None
+        try:
+            for i, item in enumerate(loader):
+                if i == 0 or groups[i] != group.key:
+                    if i:
+                        self._close(group)
+                        yield from self._ready(block=False)
+                    group = _Group(groups[i], {}, [])
+                self._add_image(images[i], item, todo, group)
+                yield from self._ready(block=False)
+            if group is not None:
+                self._close(group)
+            yield from self._ready(block=True)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _add_image(self, im, item, todo, group):
+        if item.image_id != im["id"]:
+            raise RuntimeError(f"data order mismatch at image {im['id']}")
+        ids = [int(a) for a in item.ann_ids]
+        bad = {int(a): why for a, why in item.bad}
+        failed = [a["id"] for a in todo.get(im["id"], []) if a["id"] not in ids]
+        for aid in failed:  # every box without a crop gets its reason, never silence
+            group.results[aid] = {"reason": bad.get(aid) or item.error or "no crop produced"}
+        if ids:  # only a decoded image has crops; a failed one may have no size at all (JSON w/h optional)
+            H, W = int(item.height), int(item.width)  # the decoded size (== the JSON's, else error)
+        for j, aid in enumerate(ids):
+            cb = tuple(float(v) for v in item.crop_boxes[j])
+            self._buf.append((item.crops[j], item.box_masks[j], (aid, cb, self._boxes[aid], H, W)))
+        while len(self._buf) >= self.batch_size:
+            self._run_batch(self._buf[:self.batch_size], group)
+            del self._buf[:self.batch_size]
+        if self.progress:
+            self.progress.update(images=1, unlabeled=len(failed))
+
+    def _run_batch(self, items, group):
+        cuda, S = self.device.type == "cuda", self.size
+        crops = torch.empty((len(items), 3, S, S), dtype=torch.uint8, pin_memory=cuda)
+        torch.stack([it[0] for it in items], out=crops)
+        bms = torch.empty((len(items), S, S), dtype=torch.bool, pin_memory=cuda)
+        torch.stack([it[1] for it in items], out=bms)
+        prob, score = predict(self.nets, crops, bms, self.device, **self.settings.predict_kw())
+        if cuda:  # async copy into pinned memory; the paste thread waits on the event, not us
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (prob, score)]
+            for h, t in zip(host, (prob, score)):
+                h.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = (prob, score), None
+        group.pastes.append(self._pool.submit(_paste_batch, *host, event, [it[2] for it in items],
+                                              self.settings.thr))
+        if self.progress:
+            self.progress.update(labeled=len(items))
+
+    def _close(self, group):
+        while self._buf:
+            self._run_batch(self._buf[:self.batch_size], group)
+            del self._buf[:self.batch_size]
+        self._finished.append(group)
+
+    def _ready(self, block):
+        while self._finished and (block or all(f.done() for f in self._finished[0].pastes)):
+            group = self._finished.popleft()
+            for f in group.pastes:
+                group.results.update(f.result())
+            yield group.key, group.results
+
+
+def label_dataset(nets, images, todo, image_dir, device, settings, workers=0, **kw):
+    """Label everything in one go: {ann_id: {'segmentation', 'area', 'mask_score'} or {'reason'}}
+    (LabelStream; kw: its options)."""
+    res = {}
+    for _, r in LabelStream(nets, settings, device, **kw).run(images, todo, image_dir, workers=workers):
+        res.update(r)
+    return res
+
+
+class Predictor:
+    """Masks for boxes from Python, through the same engine as label.py (the same crops, batches
+    of the same forward and CRF, the same pasting), so the two give the same masks:
+
+        p = predictor.Predictor("runs/mine/last.pt")       # once: the networks and the checkpoint's settings
+        masks, scores = p.predict(image, boxes)             # H×W×3 uint8 array or PIL image; N×4 boxes, xyxy
+        # masks: N booleans masks [N, H, W] at the image's size; scores: mask_score [N] (an IoU estimate)
+
+    Settings (recipes.LabelSettings fields, e.g. thr=0.4, expand=0.2, flip=True, crf_refine=False)
+    override the checkpoint's, as label.py's flags do. device: auto (CUDA if there is one), cpu, cuda."""
+
+    def __init__(self, ckpt, device="auto", batch_size=32, **settings):
+        ck = load_checkpoint(ckpt)
+        unknown = set(settings) - {f.name for f in dataclasses.fields(recipes.LabelSettings)}
+        if unknown:
+            raise TypeError(f"unknown label settings {sorted(unknown)}; see recipes.LabelSettings")
+        self.settings = dataclasses.replace(recipes.checkpoint_settings(ck)[0], **settings)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
+                                   else device)
+        self.nets = build_nets(ck, self.settings.net, self.device, ckpt)
+        self.size, self.batch_size = input_size(self.nets), batch_size
+
+    def predict(self, image, boxes):
+        """(masks bool [N,H,W], scores float32 [N]) for boxes [N,4] (x0, y0, x1, y1 in pixels, COCO's
+        bbox is x, y, w, h) on image; a box that covers no pixel of the image is an InputError."""
+        img = image.convert("RGB") if isinstance(image, Image.Image) else _as_image(image)
+        W, H = img.size
+        boxes = np.asarray(boxes, dtype=np.float64)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise util.InputError(f"boxes: an N×4 array of x0, y0, x1, y1 is needed, not shape {boxes.shape}")
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            problem = coco.bbox_problem(x0, y0, x1 - x0, y1 - y0, W, H)
+            if problem:
+                raise util.InputError(f"boxes[{i}] = {boxes[i].tolist()}: {problem[1]}")
+        xyxy = [tuple(float(v) for v in b) for b in boxes]
+        crops, box_masks, crop_boxes = data.box_crops(img, xyxy, self.size, self.settings.expand)
+        masks, scores = np.zeros((len(boxes), H, W), dtype=bool), np.zeros(len(boxes), dtype=np.float32)
+        for a in range(0, len(boxes), self.batch_size):
+            b = slice(a, a + self.batch_size)
+            prob, score = predict(self.nets, crops[b], box_masks[b], self.device,
+                                  **self.settings.predict_kw())
+            for k, p in enumerate(prob.cpu(), a):
+                ya, xa, region = coco.paste_region(p, tuple(crop_boxes[k].tolist()), H, W, self.settings.thr,
+                                                   xyxy[k])
+                masks[k, ya:ya + region.shape[0], xa:xa + region.shape[1]] = region
+            scores[b] = score.cpu().numpy()
+        return masks, scores
+
+
+def _as_image(a):
+    a = np.asarray(a)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise util.InputError(f"image: an H×W×3 uint8 array or a PIL image is needed, "
+                              f"not {a.dtype} {a.shape}")
+    return Image.fromarray(a)

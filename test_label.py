@@ -1,0 +1,271 @@
+"""label.py: the command: COCO output, faults, resume after a kill, ranks, settings, results lists."""
+import json
+import os
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import coco
+import label
+import recipes
+from conftest import label_argv, run_py
+
+
+def test_cli_writes_valid_coco_and_reports_every_unlabeled_box(world, tmp_path):
+    out = tmp_path / "labels.json"
+    label.main(label_argv(world, out, "--eval", "--vis", "2"))
+    src = json.loads((world / "boxes.json").read_text())
+    res = json.loads(out.read_text())
+    assert [a["id"] for a in res["annotations"]] == [a["id"] for a in src["annotations"]]
+    assert (res["images"] == src["images"] and res["categories"] == src["categories"]
+            and res["info"] == src["info"])
+    api = COCO(str(out))  # loads as an instances JSON
+    unlabeled = {100, 101, 102, 103}
+    ims = {im["id"]: im for im in src["images"]}
+    for a, s in zip(res["annotations"], src["annotations"]):
+        assert {k: a[k] for k in ("image_id", "bbox", "category_id", "iscrowd")} == \
+               {k: s[k] for k in ("image_id", "bbox", "category_id", "iscrowd")}
+        if a["id"] in unlabeled:
+            assert "segmentation" not in a
+            continue
+        assert a["extra"] == "kept" and isinstance(a["segmentation"]["counts"], str)
+        m = api.annToMask(a).astype(bool)
+        assert m.shape == (ims[a["image_id"]]["height"], ims[a["image_id"]]["width"]) and a["area"] == m.sum()
+        x, y, w, h = a["bbox"]
+        inside = coco.box_mask((x, y, x + w, y + h), *m.shape)
+        assert not (m & ~inside).any()  # the mask lies in the box, clipped to the image
+    rep = json.loads((tmp_path / "labels.report.json").read_text())
+    reasons = {u["id"]: u["reason"] for u in rep["unlabeled"]}
+    assert set(reasons) == unlabeled and rep["summary"]["unlabeled"] == 4 and rep["summary"]["labeled"] == 14
+    assert "not found" in reasons[100] and "missing.png" in reasons[100]
+    assert "corrupt.png" in reasons[101] and "degenerate" in reasons[102] and "not in images" in reasons[103]
+    ev = json.loads((tmp_path / "labels.eval.json").read_text())
+    assert 0 <= ev["miou"] <= 1 and ev["box_miou"] > 0.5 and ev["n"] == 14
+    assert len(os.listdir(tmp_path / "labels.vis")) == 2
+    assert not (tmp_path / "labels.json.parts").exists()  # cleaned up after the merge
+
+
+def test_cli_scores_every_mask_and_writes_the_review(world, tmp_path, capsys):
+    out = tmp_path / "labels.json"
+    label.main(label_argv(world, out, "--eval", "--review", "3"))
+    res = json.loads(out.read_text())
+    labeled = [a for a in res["annotations"] if "segmentation" in a]
+    assert len(labeled) == 14 and all(0 <= a["mask_score"] <= 1 for a in labeled)
+    assert not any("mask_score" in a for a in res["annotations"] if "segmentation" not in a)
+    review = json.loads((tmp_path / "labels.review.json").read_text())
+    assert sorted(r["id"] for r in review) == sorted(a["id"] for a in labeled)  # complete, once each
+    assert review == sorted(review, key=lambda r: (r["mask_score"], r["id"]))  # lowest first
+    assert {r["id"]: (r["image_id"], r["mask_score"]) for r in review} == {
+        a["id"]: (a["image_id"], a["mask_score"]) for a in labeled}
+    pngs = sorted(os.listdir(tmp_path / "labels.review"))
+    assert pngs == [f"{k + 1}_score{r['mask_score']:.4f}_ann{r['id']}.png" for k, r in enumerate(review[:3])]
+    ev = json.loads((tmp_path / "labels.eval.json").read_text())
+    assert ev["score_n"] == 14 and -1 <= ev["score_spearman"] <= 1
+    assert ev["score_n_bad"] == 0 or 0 <= ev["score_bad_in_low10"] <= ev["score_bad_in_low20"] <= 1
+    assert "mask_score vs IoU over 14 masks: Spearman" in capsys.readouterr().out
+    # A rerun replaces the review overlays instead of mixing two runs' files; other files stay.
+    (tmp_path / "labels.review" / "notes.txt").write_text("checked 1-3")
+    label.main(label_argv(world, out, "--review", "2"))
+    assert sorted(os.listdir(tmp_path / "labels.review")) == [*pngs[:2], "notes.txt"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_byte_identical_and_refuses_other_configs(world, tmp_path):
+    ref, out = tmp_path / "ref.json", tmp_path / "out.json"
+    r = run_py(["label.py", *label_argv(world, ref)])
+    assert r.returncode == 0, r.stderr
+    r = run_py(["label.py", *label_argv(world, out)], env={"MAL_LABEL_STOP_AFTER": "2"})  # dies like kill -9
+    assert r.returncode == 75 and not out.exists()
+    chunks = sorted(f for f in os.listdir(f"{out}.parts") if f.startswith("chunk"))
+    assert len(chunks) == 2
+    results = json.loads(open(f"{out}.parts/{chunks[0]}").read())["results"]
+    assert all("mask_score" in r for r in results.values() if "segmentation" in r)  # resumed with its score
+    with pytest.raises(SystemExit, match="another configuration.*thr.*--fresh"):
+        label.main(label_argv(world, out, "--thr", "0.3"))
+    label.main(label_argv(world, out, "--batch-size", "3"))  # resumes (batching is not part of the config)
+    assert out.read_bytes() == ref.read_bytes()
+    label.main(label_argv(world, out, "--keep-parts", "--fresh"))
+    assert out.read_bytes() == ref.read_bytes() and os.path.exists(f"{out}.parts/fingerprint.json")
+    # Parts made on another device (cuda bf16 vs cpu float32) are not mixed in either.
+    fp = json.loads(open(f"{out}.parts/fingerprint.json").read())
+    assert fp["device"] == "cpu"
+    # Nor parts whose masks were scored otherwise, or not at all.
+    open(f"{out}.parts/fingerprint.json", "w").write(json.dumps({k: v for k, v in fp.items()
+                                                                 if k != "mask_score"}))
+    with pytest.raises(SystemExit, match="another configuration.*mask_score"):
+        label.main(label_argv(world, out))
+    open(f"{out}.parts/fingerprint.json", "w").write(json.dumps(dict(fp, device="cuda")))
+    with pytest.raises(SystemExit, match="another configuration.*device"):
+        label.main(label_argv(world, out))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(world, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r = run_py(["label.py", *label_argv(world, one)])
+    assert r.returncode == 0, r.stderr
+    argv = [a for a in label_argv(world, two) if a != "--quiet"]
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "label.py", *argv])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "label[rank 0]" in r.stderr and "label[rank 1]" in r.stderr  # both ranks did work
+    assert two.read_bytes() == one.read_bytes()
+
+
+@pytest.mark.slow
+def test_missing_inputs_and_bad_checkpoint_are_one_line_errors(world, tmp_path):
+    for flag, bad in (("--ckpt", tmp_path / "nope.pt"), ("--json", tmp_path / "nope.json"),
+                      ("--images", tmp_path / "nodir")):
+        argv = label_argv(world, tmp_path / "x.json")
+        argv[argv.index(flag) + 1] = str(bad)
+        with pytest.raises(SystemExit, match=f"label.py: {flag} .*{bad.name} not found"):
+            label.main(argv)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    argv = label_argv(world, tmp_path / "x.json")
+    argv[argv.index("--ckpt") + 1] = str(tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match=r"junk.pt: not a PyTorch checkpoint "
+                                         r"\(torch.save writes a zip archive"):
+        label.main(argv)
+    argv[argv.index("--ckpt") + 1] = str(tmp_path / "nope.pt")  # from the shell: that line, no traceback
+    r = run_py(["label.py", *argv])
+    assert r.returncode == 1 and r.stderr.strip() == f"label.py: --ckpt {tmp_path / 'nope.pt'} not found"
+
+
+def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_path):
+    src = json.loads((world / "boxes.json").read_text())
+    src["images"] = [im for im in src["images"] if im["id"] in (1, 20)]
+    del src["images"][1]["width"], src["images"][1]["height"]  # missing.png, no size in the JSON
+    src["annotations"] = [a for a in src["annotations"] if a["image_id"] in (1, 20)]
+    (tmp_path / "b.json").write_text(json.dumps(src))
+    argv = label_argv(world, tmp_path / "out.json")
+    argv[argv.index("--json") + 1] = str(tmp_path / "b.json")
+    label.main(argv)
+    rep = json.loads((tmp_path / "out.report.json").read_text())
+    reasons = {u["id"]: u["reason"] for u in rep["unlabeled"]}
+    assert "missing.png" in reasons[100] and "not found" in reasons[100]
+    assert rep["summary"]["labeled"] == 2 and set(reasons) == {100, 102}
+
+
+def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_path, capsys):
+    ck = torch.load(world / "tiny.pt", weights_only=True)
+    recipe = dict(net="teacher", thr=0.3, expand=0.1, flip=True, crf_refine=True, crf_iters=3, crf_size=16,
+                  crf_zeta=0.4, crf_omega=1.5, crf_unary=0.5)
+    torch.save(dict(ck, label_defaults=recipe), tmp_path / "r.pt")
+    argv = lambda out, *x: [*label_argv(world, out, "--keep-parts"), "--ckpt", str(tmp_path / "r.pt"), *x]  # noqa: E731
+    label.main(argv(tmp_path / "a.json"))
+    cfg = json.loads((tmp_path / "a.json.parts" / "fingerprint.json").read_text())
+    assert {k: cfg[k] for k in recipe} == recipe
+    assert "from the checkpoint's recipe\n" in capsys.readouterr().err
+    label.main(argv(tmp_path / "b.json", "--thr", "0.6", "--no-crf-refine"))
+    cfg = json.loads((tmp_path / "b.json.parts" / "fingerprint.json").read_text())
+    assert ((cfg["thr"], cfg["crf_refine"], cfg["crf_iters"], cfg["net"], cfg["flip"])
+            == (0.6, False, 0, "teacher", True))
+    assert "except --thr, --crf-refine" in capsys.readouterr().err
+    label.main(label_argv(world, tmp_path / "c.json", "--keep-parts"))  # no recipe in the file: TEST_TIME
+    cfg = json.loads((tmp_path / "c.json.parts" / "fingerprint.json").read_text())
+    assert {k: cfg[k] for k in ("net", "thr", "expand", "flip", "crf_refine")} == {
+        k: getattr(recipes.LabelSettings(), k) for k in ("net", "thr", "expand", "flip", "crf_refine")}
+
+
+def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_path, capsys):
+    """The progress total is the summary's labelable count; --strict exits 3 when a box is unlabeled; the
+    unlabeled count ends the output; --unlabeled-as box says in the report which mask each unlabeled box
+    got."""
+    out = tmp_path / "s.json"
+    argv = [a for a in label_argv(world, out, "--unlabeled-as", "box", "--strict") if a != "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        label.main(argv)
+    assert e.value.code == 3
+    err = capsys.readouterr().err.splitlines()
+    assert [x for x in err if x.startswith("label: ")][-1].startswith("label: images 9/9 boxes 16/16 "
+                                                                      "(14 labeled) ")
+    assert err[-1].startswith(f"label.py: wrote {out}: 18 boxes (16 labelable): 14 labeled (0 empty masks), "
+                              f"4 unlabeled (masks: 2 filled box, 1 empty, 1 none: image size unknown), "
+                              f"reasons in ")
+    assert err[-1].endswith("; --strict: exit status 3")
+    rep = json.loads((tmp_path / "s.report.json").read_text())
+    assert {k: rep["summary"][k] for k in ("boxes", "labelable", "labeled", "unlabeled")} == dict(
+        boxes=18, labelable=16, labeled=14, unlabeled=4)
+    masks = {u["id"]: u["mask"] for u in rep["unlabeled"]}
+    assert masks == {100: "filled box", 101: "filled box", 102: "empty", 103: "none: image size unknown"}
+    res = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    assert (res[102]["area"] == 0 and res[102]["segmentation"]["size"] == [48, 64]
+            and "segmentation" not in res[103])
+    label.main(argv[:-1])  # the same without --strict: exit status 0
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"label.py: wrote {out}: 18 boxes (16 labelable)") and "exit status" not in last
+
+
+def test_results_list_with_score_threshold(world, tmp_path):
+    dets = [dict(image_id=1, bbox=[10, 10, 20, 20], score=0.9, category_id=1),
+            dict(image_id=2, bbox=[5, 5, 20, 20], score=0.2, category_id=2),
+            dict(image_id=3, bbox=[30, 15, 25, 25], score=0.6, category_id=1),
+            dict(image_id=3, bbox=[0, 0, 10, 10], score=0.05, category_id=1)]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    out = tmp_path / "lab.json"
+    argv = label_argv(world, out, "--images-json", str(world / "boxes.json"), "--score-thr", "0.5", "--eval")
+    argv[argv.index("--json") + 1] = str(tmp_path / "dets.json")
+    label.main(argv)
+    res = json.loads(out.read_text())
+    assert [(a["id"], a["score"]) for a in res["annotations"]] == [(1, 0.9), (3, 0.6)]
+    assert all("segmentation" in a for a in res["annotations"]) and res["categories"][0]["name"] == "a"
+    COCO(str(out))
+    rep = json.loads((tmp_path / "lab.report.json").read_text())
+    assert rep["summary"]["filtered_by_score"] == 2 and rep["summary"]["labeled"] == 2
+    ev = json.loads((tmp_path / "lab.eval.json").read_text())
+    assert "ap" in ev and "miou" not in ev  # detections have no GT ids: AP only
+    argv = label_argv(world, tmp_path / "x.json")
+    argv[argv.index("--json") + 1] = str(tmp_path / "dets.json")
+    with pytest.raises(SystemExit, match="results list.*--images-json"):
+        label.main(argv)
+
+
+def test_inputs_that_are_not_what_they_should_be_are_named(world, tmp_path):
+    (tmp_path / "noimages.json").write_text('{"annotations": []}')
+    blob = (world / "tiny.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[:len(blob) // 2])
+    for flag, bad, msg in (("--json", tmp_path / "noimages.json",
+                            r"--json .*noimages.json: no 'images' key \(a COCO "),
+                           ("--ckpt", tmp_path / "cut.pt",
+                            rf"cut.pt: truncated: {len(blob) // 2:,} bytes, where its index lists ")):
+        argv = label_argv(world, tmp_path / "x.json")
+        argv[argv.index(flag) + 1] = str(bad)
+        with pytest.raises(SystemExit, match="^label.py: .*" + msg):
+            label.main(argv)
+
+
+def test_formats_write_what_their_clients_read(world, tmp_path, capsys):
+    """--format coco-polygons, yolo and png beside the RLE labels, each summary on stderr; the YOLO-seg
+    folder is a dataset ultralytics loads, image by image, with a mask per labeled box."""
+    pytest.importorskip("cv2")
+    out = tmp_path / "poly.json"
+    label.main(label_argv(world, out, "--format", "coco-polygons"))
+    rle = json.loads((tmp_path / "poly.rle.json").read_text())
+    poly = COCO(str(out))
+    for a in rle["annotations"]:
+        if "segmentation" in a and a["area"]:
+            assert isinstance(poly.anns[a["id"]]["segmentation"], list)
+    assert ("--format coco-polygons in" in capsys.readouterr().err
+            and (tmp_path / "poly.rle.report.json").exists())
+    label.main(label_argv(world, tmp_path / "png", "--format", "png"))
+    assert sorted(os.listdir(tmp_path / "png")) == sorted(
+        ["labels.json", "labels.report.json", "labels.review.json", "instances.json"] +
+        [f"{i}.png" for i in range(1, 8)] + ["missing.png", "corrupt.png"])  # a label image per image entry
+    ultralytics = pytest.importorskip("ultralytics")  # noqa: F841
+    from ultralytics.data.dataset import YOLODataset
+
+    label.main(label_argv(world, tmp_path / "yolo", "--format", "yolo"))
+    names = sorted(os.listdir(tmp_path / "yolo" / "labels"))
+    labeled = {a["image_id"]
+               for a in json.loads((tmp_path / "yolo" / "labels.json").read_text())["annotations"]
+               if "segmentation" in a}
+    assert len(names) == 9 and len(labeled) == 7  # a label file per image entry, masks on the readable ones
+    ds = YOLODataset(img_path=str(tmp_path / "yolo" / "images"),
+                     data={"names": {0: "a", 1: "b"}, "channels": 3},
+                     task="segment", augment=False, imgsz=64, cache=False)
+    assert len(ds) == 7 and sum(len(lab["segments"]) for lab in ds.labels) == 14  # the missing and corrupt
+                                                                                  # images left out
+    for i in range(len(ds)):  # as it trains: every instance kept, its mask drawn (overlap masks hold
+                              # indices 1..n)
+        item = ds[i]
+        assert len(item["cls"]) == len(ds.labels[i]["segments"]) == int(item["masks"].max())

@@ -1,0 +1,48 @@
+"""The module graph: every import of a project module at the top of its file, and no cycle."""
+import ast
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULES = sorted(f[:-3] for f in os.listdir(HERE)
+                 if f.endswith(".py") and not f.startswith(("test_", "conftest")))
+PROJECT = set(MODULES) | {"crf_ext"}
+
+
+def _imports(path):
+    """(top-level project imports, [(line, name) of project imports inside functions or classes])."""
+    tree = ast.parse(open(path).read())
+    top, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                if name.split(".")[0] in PROJECT:
+                    (top.add(name.split(".")[0]) if node in tree.body else nested.append((node.lineno, name)))
+    return top, nested
+
+
+def test_project_imports_are_at_the_top():
+    files = [f"{m}.py" for m in MODULES] + [os.path.join("crf_ext", f)
+                                            for f in os.listdir(os.path.join(HERE, "crf_ext"))
+                                            if f.endswith(".py")]
+    nested = {f: n for f in files if (n := _imports(os.path.join(HERE, f))[1])}
+    assert not nested, nested
+
+
+def test_the_module_graph_has_no_cycle():
+    graph = {m: _imports(os.path.join(HERE, f"{m}.py"))[0] - {m} for m in MODULES}
+    graph["crf_ext"] = set()
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", " -> ".join(path + [m])
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            visit(n, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])
+    assert "train" not in graph["label"] and "label" not in graph["train"]  # the cycle there was

@@ -1,0 +1,147 @@
+"""predictor.py: the inference engine with oracle networks, and mask_score."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import coco
+import label
+import mal
+import predictor
+import recipes
+import util
+from conftest import TINY, Oracle, bbox, disc, label_argv
+
+
+@pytest.mark.parametrize("flip,crf", [(False, 0), (True, 0), (False, 5)])
+def test_oracle_masks_land_where_the_objects_are(tmp_path, flip, crf):
+    H, W = 80, 96
+    objs = [disc(H, W, 30, 40, 15), disc(H, W, 88, 12, 14)]  # the second runs off the image
+    pix = np.full((H, W, 3), 128, np.uint8)
+    for m in objs:
+        pix[m] = (255, 0, 0)
+    Image.fromarray(pix).save(tmp_path / "a.png")
+    images = [dict(id=7, file_name="a.png", width=W, height=H)]
+    todo = {7: [dict(id=k + 1, bbox=bbox(m)) for k, m in enumerate(objs)]}
+    settings = recipes.LabelSettings(flip=flip, crf_refine=crf > 0, crf_iters=crf, crf_size=32)
+    res = predictor.label_dataset(Oracle(), images, todo, str(tmp_path), "cpu", settings, batch_size=1)
+    for k, m in enumerate(objs):
+        got = mask_utils.decode(coco.to_bytes(res[k + 1]["segmentation"])).astype(bool)
+        assert got.shape == (H, W) and res[k + 1]["area"] == got.sum()
+        iou = (got & m).sum() / (got | m).sum()
+        assert iou > 0.93, iou
+        assert np.abs(np.argwhere(got).mean(0) - np.argwhere(m).mean(0)).max() < 0.5
+
+
+def test_mask_score_of_hand_made_masks():
+    """1 for a sure mask that fills every row and column of its box and nothing outside it; less for one
+    that spills over the box, misses half the object, or hesitates."""
+    box = torch.zeros(1, 20, 20)
+    box[:, 4:16, 4:16] = 1
+    spill = torch.zeros(1, 20, 20)
+    spill[:, 2:18, 2:18] = 1
+    half = box.clone()
+    half[..., 10:] = 0
+    s = predictor.mask_score(torch.cat([box, spill, half, 0.8 * box]), box.expand(4, -1, -1)).tolist()
+    # Rows and columns are 20 bags each: spill gets 4 of each wrong, half 6 columns, and the unsure
+    # mask's 12 crossing rows and columns score 0.8 each, with a confidence |2·0.8 − 1| = 0.6 in the box.
+    assert s == pytest.approx([1, 1 - 4 / 20, 1 - 6 / 20 / 2, (1 - 0.2 * 12 / 20) * 0.6])
+    assert s[0] > s[2] > s[1] > s[3]
+
+
+class Spill(Oracle):
+    """The object grown by 8 crop pixels each way: the network's mask runs over the box."""
+
+    def forward(self, x):
+        return F.max_pool2d(super().forward(x)[:, None], 9, 1, 4)[:, 0]
+
+
+class Half(Oracle):
+    """The left half of the object only."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        y[..., y.shape[-1] // 2:] = -10
+        return y
+
+
+def test_mask_score_is_deterministic(world):
+    """The same scores on a rerun and with other batch sizes (batches differ across ranks and resumes)."""
+    net = predictor.build_nets(predictor.load_checkpoint(str(world / "tiny.pt")), "task", "cpu")
+    src = json.loads((world / "boxes.json").read_text())
+    images = [im for im in src["images"] if im["id"] <= 7]
+    todo = {im["id"]: [a for a in src["annotations"] if a["image_id"] == im["id"] and a["id"] < 100]
+            for im in images}
+    settings = recipes.LabelSettings(crf_refine=True, crf_iters=3, crf_size=16)
+    runs = [predictor.label_dataset(net, images, todo, str(world / "img"), "cpu", settings, batch_size=b)
+            for b in (4, 4, 1, 32)]
+    scores = [{a: r["mask_score"] for a, r in res.items()} for res in runs]
+    assert len(scores[0]) == 14 and all(s == scores[0] for s in scores)
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in scores[0].values())
+
+
+@pytest.mark.parametrize("crf", [0, 5])
+def test_mask_score_ranks_oracle_masks_by_iou(tmp_path, crf):
+    H, W = 80, 96
+    obj = disc(H, W, 40, 40, 20)
+    pix = np.full((H, W, 3), 128, np.uint8)
+    pix[obj] = (255, 0, 0)
+    Image.fromarray(pix).save(tmp_path / "a.png")
+    images = [dict(id=7, file_name="a.png", width=W, height=H)]
+    todo = {7: [dict(id=1, bbox=bbox(obj))]}
+    got = {}
+    for net in (Oracle(), Spill(), Half()):
+        settings = recipes.LabelSettings(crf_refine=crf > 0, crf_iters=crf, crf_size=32)
+        r = predictor.label_dataset(net, images, todo, str(tmp_path), "cpu", settings)[1]
+        m = mask_utils.decode(coco.to_bytes(r["segmentation"])).astype(bool)
+        got[type(net).__name__] = (r["mask_score"], (m & obj).sum() / (m | obj).sum())
+    (s_perfect, iou_perfect), (s_spill, iou_spill), (s_half, iou_half) = (got["Oracle"], got["Spill"],
+                                                                          got["Half"])
+    assert iou_perfect > 0.95 and 0.7 < iou_spill < 0.85 and 0.4 < iou_half < 0.6  # the cases are what
+                                                                                   # they say
+    assert 1 >= s_perfect > s_spill > s_half >= 0
+
+
+def test_predictor_gives_label_py_s_masks(world, tmp_path):
+    """predict(image, boxes) and label.py give the same RLE for the same boxes (one image a chunk, so
+    that label.py's batches hold the same crops), also with the flip and the CRF refinement."""
+    src = json.loads((world / "boxes.json").read_text())
+    src["images"] = [im for im in src["images"] if im["id"] in (2, 3)]
+    src["annotations"] = [a for a in src["annotations"] if a["image_id"] in (2, 3)]
+    (tmp_path / "two.json").write_text(json.dumps(src))
+    torch.manual_seed(1)
+    net = mal.MAL(**TINY)
+    with torch.no_grad():  # louder logits than the random initialisation's: masks with structure
+        for q in net.decoder.parameters():
+            q.mul_(6)
+    ckpt = tmp_path / "loud.pt"
+    torch.save(dict(model_args=TINY, task=net.state_dict(), teacher=net.state_dict(), args={}), ckpt)
+    for flags, kw in (([], {}), (["--flip", "--crf-refine", "--crf-iters", "4", "--crf-size", "16",
+                                  "--thr", "0.45"],
+                                 dict(flip=True, crf_refine=True, crf_iters=4, crf_size=16, thr=0.45))):
+        out = tmp_path / f"labels{len(flags)}.json"
+        argv = label_argv(world, out, "--chunk-images", "1", "--batch-size", "32", *flags)
+        argv[argv.index("--json") + 1], argv[argv.index("--ckpt") + 1] = str(tmp_path / "two.json"), str(ckpt)
+        label.main(argv)
+        labeled = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+        p = predictor.Predictor(str(ckpt), device="cpu", **kw)
+        for im in src["images"]:
+            anns = [a for a in src["annotations"] if a["image_id"] == im["id"]]
+            image = np.asarray(Image.open(world / "img" / im["file_name"]).convert("RGB"))
+            masks, scores = p.predict(image, [coco.xywh_to_xyxy(a["bbox"]) for a in anns])
+            assert masks.shape == (len(anns), im["height"], im["width"]) and masks.dtype == bool
+            assert 0 < masks.sum() < sum(a["bbox"][2] * a["bbox"][3] for a in anns)  # neither empty nor
+                                                                                     # the boxes
+            for a, m, s in zip(anns, masks, scores):
+                assert (coco.encode(m) == labeled[a["id"]]["segmentation"]
+                        and round(float(s), 4) == labeled[a["id"]]["mask_score"])
+    with pytest.raises(util.InputError, match=r"boxes\[1\] = \[5.0, 5.0, 5.0, 9.0\]: "):
+        p.predict(image, [[1, 1, 9, 9], [5, 5, 5, 9]])
+    with pytest.raises(util.InputError, match="an H×W×3 uint8 array"):
+        p.predict(image.astype(np.float32), [[1, 1, 9, 9]])
+    with pytest.raises(TypeError, match="unknown label settings"):
+        predictor.Predictor(str(world / "tiny.pt"), threshold=0.5)

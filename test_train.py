@@ -1,0 +1,253 @@
+"""train.py: a few steps lower the loss, exact resume, recipes, torchrun DDP on CPU."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import label
+import mal
+import pretrain
+import recipes
+import train
+import util
+from conftest import HERE, dinov2_authors_layout, save, tiny_argv
+
+
+def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, capsys):
+    """train.py --init with a DINOv2-layout file (released at 37 × 37 positions) at patch 14, then
+    label.py."""
+    init = save(dinov2_authors_layout(mal.vit("vit_small_dinov2_reg4", depth=1, img_size=518)),
+                tmp_path / "d.pth")
+    train.main(tiny_argv(tiny_set, tmp_path / "run", "--arch", "vit_small_dinov2_reg4", "--patch-size", "14",
+                         "--img-size", "28", "--init", init, "--epochs", "1", "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert f"load_pretrained {init}: loaded 21 tensors; missing none; unused none" in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_args"]["arch"] == "vit_small_dinov2_reg4"
+    assert ckpt["teacher"]["encoder.reg_token"].shape == (1, 4, 384)
+    out = tmp_path / "labels.json"
+    label.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--json", tiny_set["val_json"], "--images",
+                tiny_set["val_images"], "--out", str(out), "--workers", "0", "--quiet"])
+    anns = json.loads(out.read_text())["annotations"]
+    assert anns and all("segmentation" in a for a in anns)
+
+
+def test_grouped_sampler_splits_ranks_into_grouped_blocks(tiny_set):
+    ds = data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], size=32, min_area=16)
+    blocks = [list(data.ImageGroupedSampler(ds, world=2, rank=r)) for r in range(2)]
+    assert len(blocks[0]) == len(blocks[1]) == len(ds) // 2
+    assert not set(blocks[0]) & set(blocks[1])
+    for b in blocks:  # each image's boxes are consecutive within a rank's block
+        rows = [int(ds.img_rows[i]) for i in b]
+        changes = sum(x != y for x, y in zip(rows, rows[1:]))
+        assert changes == len(set(rows)) - 1
+    ds.set_epoch(1)
+    assert list(data.ImageGroupedSampler(ds, world=2, rank=0)) != blocks[0]  # reshuffled each epoch
+
+
+def test_train_lr_schedule():
+    lrs = [util.lr_at(s, 100, 1.0, 10, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then cosine, decreasing
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)  # to the floor
+
+
+def test_train_steps_lower_the_loss(tiny_set, tmp_path):
+    train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "30", "--lr-per-image", "2e-4", "--drop-path", "0"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(log) >= 20 and log[-1]["step"] == log[-1]["total"]
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(ckpt) >= {"model_args", "task", "teacher", "optimizer", "step", "epoch", "world", "rng",
+                         "args"}
+    # No validation: no best.pt; epoch_N.pt only with --keep-epochs.
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["last.pt"]
+
+
+def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tiny_set, tmp_path, monkeypatch,
+                                                                              capsys):
+    """last.pt, and best.pt at the epoch of the best validation mIoU (remembered across a resume); epoch_N.pt
+    only with --keep-epochs. The rate leaves validation time out. Progress lines and log.jsonl carry the loss
+    weights as they ramp in."""
+    mious, clock, real_time = {1: float("nan"), 2: 0.5, 3: 0.4}, [0.0], time.time
+
+    def log_validation(args, net, teacher, device, epoch, step):  # takes 1000 s of a fake clock
+        clock[0] += 1000.0
+        return {"miou": mious[epoch]}
+
+    monkeypatch.setattr(train, "log_validation", log_validation)
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock[0])
+    spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"],
+                              min_area=16)) // 4  # steps/epoch
+    common = ("--epochs", "3", "--val-json", tiny_set["val_json"], "--val-images", tiny_set["val_images"],
+              "--mil-ramp", "4", "--crf-ramp", "8")
+    train.main(tiny_argv(tiny_set, tmp_path, *common, "--max-steps", str(2 * spe)))
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["best.pt", "last.pt"]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert (best["epoch"], best["step"], best["best"]) == (2, 2 * spe, {"epoch": 2, "miou": 0.5})
+    train.main(tiny_argv(tiny_set, tmp_path, *common, "--resume"))  # epoch 3's 0.4 is not better than 0.5
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 2 * spe
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (last["step"], last["best"]) == (3 * spe, {"epoch": 2, "miou": 0.5})
+    err = capsys.readouterr().err
+    assert "weights ramp in over 4 and 8 steps" in err and "best.pt: epoch 2, mIoU 0.500" in err
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log[-1]["step"] == 3 * spe
+    for r in log:
+        assert r["w_mil"] == pytest.approx(4.0 * min(1, r["step"] / 4))
+        assert r["w_crf"] == pytest.approx(0.5 * min(1, r["step"] / 8))
+        assert r["crops_per_s"] > 0.1  # 4 crops in 1000 s if a validation counted
+    assert f"crf {log[-1]['crf']:.4f}, w_mil 4, w_crf 0.5) lr" in err
+    train.main(tiny_argv(tiny_set, tmp_path / "k", "--epochs", "2", "--keep-epochs"))
+    assert sorted(os.listdir(tmp_path / "k")) == ["epoch_1.pt", "epoch_2.pt", "last.pt", "log.jsonl"]
+    assert torch.load(tmp_path / "k" / "epoch_2.pt", weights_only=True)["step"] == 2 * spe
+
+
+@pytest.mark.parametrize("order", [(), ("--group-by-image",)])
+def test_train_resume_is_exact(tiny_set, tmp_path, order):
+    """2 steps + resume + 2 steps gives bit-identical weights to 4 steps straight (a mid-epoch resume)."""
+    common = ("--epochs", "3", "--seed", "7", *order)
+    train.main(tiny_argv(tiny_set, tmp_path / "straight", *common, "--max-steps", "4"))
+    train.main(tiny_argv(tiny_set, tmp_path / "resumed", *common, "--max-steps", "2"))
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 2
+    train.main(tiny_argv(tiny_set, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for part in ("task", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_train_compile_follows_eager(tiny_set, tmp_path):
+    """train.py --compile (torch.compile of the task network and the teacher: inductor, C++ on the CPU)
+    trains and follows the eager run: the same crops and no stochastic depth, so the same losses."""
+    common = ("--epochs", "1", "--max-steps", "2", "--drop-path", "0")
+    train.main(tiny_argv(tiny_set, tmp_path / "eager", *common))
+    train.main(tiny_argv(tiny_set, tmp_path / "compiled", *common, "--compile"))
+    eager, compiled = ([json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+                       for run in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
+    train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "2", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match=r"last.pt: batch_size was 4 and is now 2"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "2", "--batch-size", "2", "--resume"))
+    with pytest.raises(SystemExit, match=r"nothing.pt: no checkpoint to resume from"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--resume", str(tmp_path / "nothing.pt")))
+    with pytest.raises(SystemExit, match=r"--init .*nothing.pth: no such file"):
+        train.main(tiny_argv(tiny_set, tmp_path / "b", "--init", str(tmp_path / "nothing.pth")))
+    with pytest.raises(SystemExit, match=r"missing.json: no such file"):
+        train.main(tiny_argv(tiny_set, tmp_path / "c", "--val-json", str(tmp_path / "missing.json"),
+                             "--val-images", str(tmp_path)))
+
+
+def test_train_gt_masks_upper_bound_learns(tiny_set, tmp_path):
+    train.main(tiny_argv(tiny_set, tmp_path, "--gt-masks", "--epochs", "30", "--lr-per-image", "2e-4",
+                         "--drop-path", "0"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert {"dice", "bce"} <= set(log[0]) and "mil" not in log[0]
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
+    """--demo with --train-json: the demo's model and schedule on that data, not the demo set."""
+    monkeypatch.setattr(recipes, "DEMO_ROOT", str(tmp_path / "never"))
+    args = train.get_args(["--demo", "--train-json", tiny_set["train_json"],
+                           "--images", tiny_set["train_images"],
+                           "--out", str(tmp_path / "run"), "--epochs", "3"])
+    assert args.demo and not args.demo_data and args.val_json is None and args.out == str(tmp_path / "run")
+    assert (args.arch, args.depth, args.img_size, args.loss_size, args.epochs) == ("vit_tiny", 3, 96, 48, 3)
+    assert ((args.crf_unary, args.crf_size, args.flood, args.ema, args.color_aug)
+            == (1e-4, 24, False, 0.99, False))
+    assert train.get_args(["--train-json", "x.json", "--images", "."]).out == "runs/mal"
+    assert train.get_args([]).demo_data and train.get_args([]).val_json == recipes.DEMO_DATA["val_json"]
+    train.main(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
+                "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--workers", "0",
+                "--min-area", "16", "--crf-iters", "2"])
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], min_area=16)) // 2
+    assert ck["args"]["steps"] == 750 and ck["args"]["epochs"] == round(750 / spe)  # the budget, in epochs
+    # The demo labels with the paper's CRF refining each mask, its unary at 0.3.
+    assert (ck["model_args"]["img_size"] == 96
+            and ck["label_settings"] == dataclasses.asdict(recipes.LabelSettings(
+                crf_refine=True, crf_iters=100, crf_size=48, crf_zeta=0.5, crf_omega=2.0, crf_unary=0.3)))
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_help_gives_the_defaults(capsys):
+    """--help shows each flag's default; label.py's test-time flags say where theirs come from, not None."""
+    for mod, expect in ((train, ["--epochs EPOCHS epochs; the learning-rate schedule spans all of them "
+                                 "(default: those that give --steps, else 10)"]),
+                        (label, ["--thr THR mask = probability > thr (default: the checkpoint's, else 0.5)",
+                                 "--batch-size BATCH_SIZE crops per forward (across images) (default: 32)"]),
+                        (pretrain, ["(MAE: 0.75) (default: 0.75)"])):
+        with pytest.raises(SystemExit):
+            mod.get_args(["--help"])
+        out = capsys.readouterr().out
+        assert all(e in " ".join(out.split()) for e in expect) and "None" not in out, mod.__name__
+    assert "views:\n  --images DIR alone " in out  # pretrain.py's epilog keeps its layout
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(util.InputError, match=r"^cuda:1 asked for, but this node has 1 CUDA device\(s\): "
+                                             r".*--nproc_per_node 1"):
+        util.setup_distributed("cuda")
+
+
+@pytest.mark.slow
+def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           os.path.join(HERE, "train.py"),
+           *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "teacher identical on all 2 ranks" in res.stderr
+    assert "on 2× cpu" in res.stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] >= 1
+
+
+def test_bad_inputs_stop_the_run_before_its_first_step(tiny_set, tmp_path):
+    """Each is one line naming the file (and the key), and no step is taken: no log.jsonl, no last.pt."""
+    (tmp_path / "random.pt").write_bytes(b"\x13\x37 random bytes")
+    (tmp_path / "noimages.json").write_text(json.dumps({"annotations": []}))
+    (tmp_path / "broken.json").write_text('{"images": [1, 2')
+    (tmp_path / "boxes_only.json").write_text(json.dumps(dict(
+        json.load(open(tiny_set["val_json"])),
+        annotations=[{k: v for k, v in a.items() if k != "segmentation"}
+                     for a in json.load(open(tiny_set["val_json"]))["annotations"]])))
+    val = ["--val-images", tiny_set["val_images"]]
+    for k, (extra, msg) in enumerate([
+            (["--init", str(tmp_path / "random.pt")], r"--init .*random.pt: not a PyTorch checkpoint"),
+            (["--val-json", str(tmp_path / "noimages.json"), *val],
+             r"--val-json .*noimages.json: no 'images' key"),
+            (["--val-json", str(tmp_path / "broken.json"), *val],
+             r"--val-json .*broken.json: not valid JSON \("),
+            (["--val-json", str(tmp_path / "boxes_only.json"), *val],
+             r".*boxes_only.json: no annotation has a 'segmentation'"),
+            (["--val-json", tiny_set["val_json"], "--val-images", str(tmp_path / "nowhere")],
+             r"--val-images .*nowhere: no "),
+            (["--val-json", tiny_set["val_json"], "--val-images", str(tmp_path)],
+             r".*none of its 3 images is under")]):
+        out = tmp_path / f"run{k}"
+        with pytest.raises(SystemExit, match="^train.py: " + msg) as e:
+            train.main(tiny_argv(tiny_set, out, *extra))
+        assert "\n" not in str(e.value.code) and "weights_only" not in str(e.value.code)
+        assert not os.path.exists(out / "log.jsonl") and not os.path.exists(out / "last.pt")

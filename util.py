@@ -1,0 +1,344 @@
+"""Plumbing shared by train.py, pretrain.py, label.py and the rest: one error type for bad input,
+atomic writes, JSON and checkpoint reading with one-line errors, torchrun set-up, AdamW groups,
+the learning-rate schedule, resume checks, progress lines and the help formatter.
+"""
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import math
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import time
+import zipfile
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class InputError(ValueError):
+    """Bad input, said in one line that names the file, key or box: the commands print it and exit."""
+
+
+def fail(prog, e):
+    """What a command does with an InputError: its one line, prefixed with the command, and exit status 1."""
+    sys.exit(f"{prog}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: a crash never leaves a half-written file.
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """Open a temporary file next to `path`; on success it is flushed, synced and renamed onto
+    `path` (atomic on POSIX), on failure removed: a crash never leaves a half-written `path`."""
+    d = os.path.dirname(os.fspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would stick to the renamed file
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(path, payload):
+    """Write bytes to `path` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(payload)
+
+
+def write_json(path, obj, **kw):
+    """JSON to `path`, atomically; compact unless kw (json.dump's) say otherwise."""
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, **(kw or dict(separators=(",", ":"))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading, with one-line errors.
+
+
+def read_json(path, what="JSON file", keys=()):
+    """The parsed file; InputError naming it when it is missing, not JSON, or (a dict) lacks any of `keys`."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path}: a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path}: not JSON (not even text)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path}: not valid JSON "
+                         f"({e.msg} at line {e.lineno}, column {e.colno})") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        shape = "a dict" if isinstance(obj, dict) else f"a {type(obj).__name__}, not a dict"
+        raise InputError(f"{what} {path}: no {' and no '.join(repr(k) for k in missing)} key ({shape})")
+    return obj
+
+
+_ELEMENT_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                  "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8, "Untyped": 1}
+
+
+class _StandIn(dict):
+    """Takes whatever the pickle does to an object of a class it names, and does nothing."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __call__(self, *a, **k):
+        return None
+
+    def append(self, x):
+        pass
+
+    def extend(self, xs):
+        pass
+
+
+class _IndexReader(pickle.Unpickler):
+    """Reads a checkpoint's index (its data.pkl) without running anything: every class is a stand-in,
+    and the tensors' storages are only counted, in bytes."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.storage_bytes = 0
+
+    def find_class(self, module, name):
+        return type(name, (_StandIn,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            kind = getattr(pid[1], "__name__", "").removesuffix("Storage")
+            self.storage_bytes += int(pid[4]) * _ELEMENT_BYTES.get(kind, 1)
+        return None
+
+
+def _truncation(path, size):
+    """What a zip archive cut short still says: the tensor bytes its index (data.pkl, stored first)
+    lists, or None where the cut falls inside the index itself."""
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 << 20))
+    if len(head) < 30:
+        return None
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    start = 30 + name_len + extra_len
+    end = head.find(b"PK\x07\x08", start)  # the data descriptor after the index's bytes
+    try:
+        reader = _IndexReader(io.BytesIO(head[start:end]))
+        reader.load()
+    except Exception:
+        return None
+    return reader.storage_bytes
+
+
+def load_checkpoint(path, what="checkpoint", mmap=False):
+    """A torch.save file as a dict, weights only (torch.load(weights_only=True), on the CPU). Every
+    failure is an InputError that says what the file is not: missing, not a PyTorch checkpoint,
+    truncated, holding pickled code, not a dict."""
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path}: a folder, not a checkpoint")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        listed = _truncation(path, size)
+        raise InputError(f"{what} {path}: truncated: {size:,} bytes, " + (
+            f"where its index lists {listed:,} bytes of tensors" if listed is not None else
+            "cut inside its index") + " (an interrupted copy or save?)")
+    if magic != b"PK\x03\x04" and magic[:2] != b"\x80\x02":  # torch.save's zip, or its legacy pickle format
+        raise InputError(f"{what} {path}: not a PyTorch checkpoint (torch.save writes a zip archive; this "
+                         f"file starts with {magic!r})")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and magic == b"PK\x03\x04")
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            raise InputError(f"{what} {path}: holds pickled objects besides tensors and plain containers "
+                             f"(code, or another program's classes); only weights are read") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise InputError(f"{what} {path}: cannot be read as a PyTorch checkpoint ({first})") from None
+    if not isinstance(ck, dict):
+        raise InputError(f"{what} {path}: holds a {type(ck).__name__}, not a checkpoint's dict")
+    return ck
+
+
+def need_keys(ck, keys, path, what):
+    """InputError naming the first of `keys` that the checkpoint dict lacks."""
+    for k in keys:
+        if k not in ck:
+            raise InputError(f"{path}: not a {what} (no {k!r} key)")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun
+
+
+class Dist(NamedTuple):
+    """Where this process stands: ddp (joined a process group of world > 1), its rank, the world size,
+    its device."""
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+
+
+def cuda_device(index):
+    """cuda:index, made current; a one-line error where a node runs more ranks than it has GPUs (two
+    ranks on one GPU would otherwise fail inside NCCL, or wait on each other)."""
+    n = torch.cuda.device_count()
+    if index >= n:
+        raise InputError(f"cuda:{index} asked for, but this node has {n} CUDA device(s): start at most {n} "
+                         f"process(es) per node (torchrun --nproc_per_node {max(n, 1)}) or pass --device cpu")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def setup_distributed(device="auto", timeout_hours=2.0):
+    """Dist from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), a single process without it.
+    device: auto (CUDA if there is one), cpu, cuda (cuda:LOCAL_RANK) or cuda:N. With more than one
+    rank this joins the process group (nccl on CUDA, gloo on CPU) with the given timeout: ranks wait
+    that long for each other (rank 0 validating or merging) before giving up."""
+    rank, world, local = (int(os.environ.get(k, d))
+                          for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if device == "auto" else device)
+    if device.type == "cuda":
+        device = cuda_device(local if device.index is None else device.index)
+    ddp = world > 1
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=timeout_hours),
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(ddp, rank, world, device)
+
+
+def barrier(d):
+    if d.ddp:
+        dist.barrier()
+
+
+def shutdown(d):
+    if d.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def adamw(named_parameters, lr, *, weight_decay, betas, no_decay=(), fused=False):
+    """AdamW with weight decay on the weight matrices only: not on norms, biases and LayerScale
+    (1-D), nor on the parameters named in no_decay (tokens, position embeddings)."""
+    params = [(n, p) for n, p in named_parameters if p.requires_grad]
+    decays = {n: p.ndim > 1 and n not in no_decay for n, p in params}
+    return torch.optim.AdamW([{"params": [p for n, p in params if decays[n]], "weight_decay": weight_decay},
+                              {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused)
+
+
+def steps_per_epoch(sampler, batch_size, accum, world, what):
+    """Optimizer steps in an epoch of the sampler; InputError when there is not even one. what: the
+    samples, in words (e.g. "boxes.json: 3 usable boxes")."""
+    n = len(sampler) // (batch_size * accum)
+    if n == 0:
+        raise InputError(f"{what} are fewer than one global batch "
+                         f"({batch_size} × {accum} × {world} processes)")
+    return n
+
+
+def lr_at(step, total, peak, warmup, floor):
+    """Linear warm-up, then cosine annealing from peak to floor over the rest of the schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """A DistributedSampler that starts `skip` samples into its epoch (resuming mid-epoch)."""
+
+    def __init__(self, sampler, skip=0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def resume_state(path, now, keys, what):
+    """The checkpoint to resume from, checked: it loads, is a `what` checkpoint, and has the same
+    value as `now` (a dict) for each of keys, which the data position and the schedule follow from."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no checkpoint to resume from")
+    ck = load_checkpoint(path, f"{what} checkpoint")
+    need_keys(ck, ("args", "world", "model_args", "step", "epoch", "optimizer", "rng"), path,
+              f"{what} checkpoint")
+    saved = dict(ck["args"], world=ck["world"], model_args=ck["model_args"])
+    for key in keys:
+        if saved.get(key) != now[key]:
+            raise InputError(f"{path}: {key} was {saved.get(key)} and is now {now[key]}; "
+                             f"resume with the same value")
+    return ck
+
+
+class SaveClock:
+    """When to write last.pt between epoch ends: every `steps` optimizer steps, or (steps None) about
+    every `minutes`, so that a killed run repeats minutes, not hours. The minutes become a step
+    interval after the first `calibrate` steps, from the slowest rank's time: every rank must take
+    part in a save (it gathers their RNG states), so all decide at the same steps."""
+
+    def __init__(self, start_step, minutes=10.0, steps=None, d=None, calibrate=20):
+        self.minutes, self.interval, self.d, self.calibrate = minutes, steps, d, calibrate
+        self.anchor, self.t0, self.step0 = 0, time.time(), start_step
+
+    def due(self, step):
+        if self.interval is None:
+            if step - self.step0 < self.calibrate:
+                return False
+            per_step = torch.tensor([(time.time() - self.t0) / (step - self.step0)], dtype=torch.float64,
+                                    device=self.d.device if self.d else "cpu")
+            if self.d and self.d.ddp:
+                dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+            self.interval, self.anchor = max(1, round(60 * self.minutes / float(per_step))), step
+        return (step - self.anchor) % self.interval == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show: None (unset, or said in
+    the help) and off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
