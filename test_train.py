@@ -173,7 +173,7 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
     assert args.demo and not args.demo_data and args.val_json is None and args.out == str(tmp_path / "run")
     assert (args.arch, args.depth, args.img_size, args.loss_size, args.epochs) == ("vit_tiny", 3, 96, 48, 3)
     assert ((args.crf_unary, args.crf_size, args.flood, args.ema, args.color_aug)
-            == (1e-4, 24, False, 0.99, False))
+            == (1.0, None, True, 0.99, False))
     assert train.get_args(["--train-json", "x.json", "--images", "."]).out == "runs/mal"
     assert train.get_args([]).demo_data and train.get_args([]).val_json == recipes.DEMO_DATA["val_json"]
     train.main(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
