@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_set(tmp_path_factory):
-    """A demo-kind set of 6 + 3 images of 96 × 64, made once per test session."""
+    """A demo-kind set of 6 + 3 images of 96 × 64, made once per pytest run."""
     import synthetic
 
     return synthetic.make_demo(tmp_path_factory.mktemp("tiny_demo"), n_train=6, n_val=3, image_size=(96, 64),

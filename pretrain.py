@@ -585,10 +585,7 @@ def main(argv=None):
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
     save(os.path.join(args.out, "last.pt"), *state())
-    if d.ddp:
-        counts = torch.tensor([unreadable], device=device)
-        dist.all_reduce(counts)
-        unreadable = int(counts.item())
+    unreadable = int(util.all_reduce(d, torch.tensor([unreadable], device=device)).item())
     log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
         + (f"; {unreadable} unreadable views skipped on {d.world} ranks" if unreadable else ""))
     if master and args.vis:

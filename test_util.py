@@ -1,9 +1,12 @@
 """util.py: checkpoint and JSON reading say in one line what a file is not; the save clock; AdamW groups."""
 import json
 import pickle
+import sys
+import threading
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import util
 
@@ -94,3 +97,32 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         util.write_json(tmp_path / "a.json", {"x": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_collectives_return_once_the_workers_let_go(tmp_path):
+    """After util.all_gather and all_reduce no gloo worker thread holds the tensors (a worker that
+    drops them while the interpreter finalizes aborts the process)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        d = util.Dist(True, 0, 1, torch.device("cpu"))
+        for _ in range(20):
+            t, untouched = torch.arange(3.0), torch.arange(3.0)
+            out = util.all_gather(d, t)
+            gathered = [sys.getrefcount(x) for x in (t, out[0], untouched)]  # each: a name, x, the call
+            assert torch.equal(out[0], t) and len(out) == 1
+            assert util.all_reduce(d, t) is t
+            reduced = [sys.getrefcount(x) for x in (t, untouched)]
+            assert len(set(gathered)) == 1 and len(set(reduced)) == 1, (gathered, reduced)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_collective_waits_until_its_tensors_are_let_go():
+    t, let_go = torch.zeros(3), []
+
+    def run():  # a stand-in for a worker thread that drops its reference after the collective returns
+        held = [t]
+        threading.Timer(0.05, lambda: (held.clear(), let_go.append(True))).start()
+
+    util._collective(run, (t,))
+    assert let_go

@@ -313,8 +313,7 @@ def dummy_batch(size):
 def check_teacher(d, teacher):
     """The EMA teacher must be the same on every rank (§3.2): compare its parameters' sums, bit for bit."""
     fp = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
-    fps = [torch.empty_like(fp) for _ in range(d.world)]
-    dist.all_gather(fps, fp.to(d.device) if d.device.type == "cuda" else fp)
+    fps = util.all_gather(d, fp.to(d.device))
     if not all(torch.equal(f.cpu(), fps[0].cpu()) for f in fps):
         raise RuntimeError("the EMA teacher differs between ranks")
 

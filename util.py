@@ -239,6 +239,38 @@ def barrier(d):
         dist.barrier()
 
 
+def _collective(run, tensors):
+    """run() a collective on CPU tensors and return once gloo's worker threads have let go of them
+    too. A worker drops its references just after the collective completes and needs the GIL for
+    that; one that asks for it while the interpreter finalizes aborts the process ("terminate called
+    without an active exception"), so a collective just before exit must not race the exit. While a
+    worker holds a tensor, the tensor's Python object carries one more reference."""
+    def refs():
+        return [sys.getrefcount(t) for t in tensors]
+
+    held = refs()
+    run()
+    deadline = time.time() + 5
+    while any(now > then for now, then in zip(refs(), held)) and time.time() < deadline:
+        time.sleep(0.001)
+
+
+def all_reduce(d, t, op=dist.ReduceOp.SUM):
+    """t reduced over the ranks, in place (a no-op on one process)."""
+    if d.ddp:
+        _collective(lambda: dist.all_reduce(t, op=op), (t,) if t.device.type == "cpu" else ())
+    return t
+
+
+def all_gather(d, t):
+    """t from every rank, in rank order."""
+    if not d.ddp:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(d.world)]
+    _collective(lambda: dist.all_gather(out, t), (t, *out) if t.device.type == "cpu" else ())
+    return out
+
+
 def shutdown(d):
     if d.ddp and dist.is_initialized():
         dist.destroy_process_group()
@@ -324,8 +356,8 @@ class SaveClock:
                 return False
             per_step = torch.tensor([(time.time() - self.t0) / (step - self.step0)], dtype=torch.float64,
                                     device=self.d.device if self.d else "cpu")
-            if self.d and self.d.ddp:
-                dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+            if self.d:
+                all_reduce(self.d, per_step, op=dist.ReduceOp.MAX)
             self.interval, self.anchor = max(1, round(60 * self.minutes / float(per_step))), step
         return (step - self.anchor) % self.interval == 0
 
