@@ -182,10 +182,10 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], min_area=16)) // 2
     assert ck["args"]["steps"] == 750 and ck["args"]["epochs"] == round(750 / spe)  # the budget, in epochs
-    # The demo labels with the paper's CRF refining each mask, its unary at 0.3.
+    # The demo labels with the paper's CRF refining each mask, its unary and colour bandwidth at 0.3.
     assert (ck["model_args"]["img_size"] == 96
             and ck["label_settings"] == dataclasses.asdict(recipes.LabelSettings(
-                crf_refine=True, crf_iters=100, crf_size=48, crf_zeta=0.5, crf_omega=2.0, crf_unary=0.3)))
+                crf_refine=True, crf_iters=100, crf_size=48, crf_zeta=0.3, crf_omega=2.0, crf_unary=0.3)))
     assert not os.path.exists(tmp_path / "never")
 
 
