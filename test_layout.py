@@ -1,4 +1,4 @@
-"""The module graph: every import of a project module at the top of its file, and no cycle."""
+"""The module graph: every project import at the top of its file, no cycle; the commands' loops short."""
 import ast
 import os
 
@@ -46,3 +46,14 @@ def test_the_module_graph_has_no_cycle():
     for m in graph:
         visit(m, [])
     assert "train" not in graph["label"] and "label" not in graph["train"]  # the cycle there was
+
+
+def test_the_commands_loops_stay_short():
+    """train.py, pretrain.py and label.py: no function a reader cannot hold (about 120 lines at most)."""
+    long = {}
+    for f in ("train.py", "pretrain.py", "label.py"):
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, f)).read())):
+            lines = node.end_lineno - node.lineno + 1 if isinstance(node, ast.FunctionDef) else 0
+            if lines > 120:
+                long[f"{f}:{node.name}"] = lines
+    assert not long, long
