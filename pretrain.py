@@ -499,13 +499,13 @@ def main(argv=None):
         global_batch = args.batch_size * args.accum * d.world
         peak_lr = args.lr_per_image * global_batch
         net, model_args, opt = make_model(args, d.device, peak_lr)
-        ckpt_path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+        ckpt_path = util.resume_path(args)
         ck = util.resume_state(ckpt_path, dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
-                               "pretrain.py") if args.resume else None
+                               "pretrain.py") if ckpt_path else None
     except util.InputError as e:
         util.fail("pretrain.py", e)
     device, master = d.device, d.rank == 0
-    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if master else (lambda *m: None)
+    log = util.rank0_log(d)
     log(f"views: {args.views} at {args.img_size}px, {dataset.describe()}")
     os.makedirs(args.out, exist_ok=True)
     total_steps = args.epochs * steps_per_epoch

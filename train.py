@@ -333,12 +333,12 @@ def main(argv=None):
         global_batch = args.batch_size * args.accum * d.world
         peak_lr = args.lr_per_image * global_batch
         net, model_args, opt = make_model(args, d.device, peak_lr)
-        ck = util.resume_state(os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume,
-                               dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
-                               "train.py") if args.resume else None
+        ckpt_path = util.resume_path(args)
+        ck = util.resume_state(ckpt_path, dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
+                               "train.py") if ckpt_path else None
     except util.InputError as e:
         util.fail("train.py", e)
-    log = (lambda *m: print(*m, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda *m: None)
+    log = util.rank0_log(d)
     log(f"train: {dataset.describe()}")
     total_steps = args.epochs * steps_per_epoch
     stop_step = min(total_steps, args.max_steps or total_steps)
@@ -346,8 +346,7 @@ def main(argv=None):
     run = Run(args, d, net, teacher, opt, model_args)
     if ck:
         run.resume(ck)
-        log(f"resumed {args.resume if args.resume != 'last' else os.path.join(args.out, 'last.pt')} "
-            f"at step {run.step} (epoch {run.epoch})")
+        log(f"resumed {ckpt_path} at step {run.step} (epoch {run.epoch})")
     torch.manual_seed(args.seed + 1000003 * d.rank)  # each rank its own stochastic-depth masks
     if ck:
         teacher.load_state_dict(ck["teacher"])

@@ -324,6 +324,14 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+def resume_path(args):
+    """The checkpoint --resume names: the run's own OUT/last.pt for "last", else the path given;
+    None without --resume."""
+    if not args.resume:
+        return None
+    return os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+
+
 def resume_state(path, now, keys, what):
     """The checkpoint to resume from, checked: it loads, is a `what` checkpoint, and has the same
     value as `now` (a dict) for each of keys, which the data position and the schedule follow from."""
@@ -338,6 +346,11 @@ def resume_state(path, now, keys, what):
             raise InputError(f"{path}: {key} was {saved.get(key)} and is now {now[key]}; "
                              f"resume with the same value")
     return ck
+
+
+def rank0_log(d):
+    """print(*m) to stderr on rank 0, nothing on the other ranks: one copy of each line."""
+    return (lambda *m: print(*m, file=sys.stderr, flush=True)) if d.rank == 0 else (lambda *m: None)
 
 
 class SaveClock:
