@@ -187,6 +187,27 @@ def _claim(seen, path, image):
     seen[path] = image["file_name"]
 
 
+def _masks_by_image(out, s, path_of):
+    """For each image, in order: (image, its file_name as a path inside the export, the file it writes
+    (path_of that path), [(annotation, mask)] for its annotations with a mask). Counts the box-only
+    annotations into s["unlabeled_skipped"] and the images into s["images"]."""
+    groups, s["unlabeled_skipped"] = _by_image(out)
+    seen = {}
+    for image, anns in groups:
+        rel = _rel_path(image)
+        path = path_of(rel)
+        _claim(seen, path, image)
+        masks = []
+        for a in anns:
+            m = _mask(a, image)
+            if m is None:
+                s["unlabeled_skipped"] += 1
+            else:
+                masks.append((a, m))
+        yield image, rel, path, masks
+    s["images"] = len(groups)
+
+
 # ----------------------------------------------------------------------------------------------
 # The formats
 
@@ -254,23 +275,14 @@ def _yolo(out, dest, image_dir):
                        "unlabeled_skipped", "degenerate_parts_dropped"), 0)
     cats = sorted(out.get("categories", []), key=lambda c: c["id"])
     cls = {c["id"]: k for k, c in enumerate(cats)}
-    groups, s["unlabeled_skipped"] = _by_image(out)
     for a in out.get("annotations", []):  # before writing anything
         if "segmentation" in a and a.get("category_id") not in cls:
             raise util.InputError(f"annotation {a.get('id')}: category_id {a.get('category_id')!r} "
                                   f"is not in categories")
-    seen = {}
-    for image, anns in groups:
-        rel = _rel_path(image)
-        image_path = os.path.join(dest, "images", rel)
-        label_path = _label_path(image_path)
-        _claim(seen, label_path, image)
+    for image, rel, label_path, masks in _masks_by_image(out, s, lambda rel: _label_path(
+            os.path.join(dest, "images", rel))):
         lines = []
-        for a in anns:
-            m = _mask(a, image)
-            if m is None:
-                s["unlabeled_skipped"] += 1
-                continue
+        for a, m in masks:
             s["masks"] += 1
             parts = _outline_counts(trace(m, "yolo", centres=True), s)
             if not parts:
@@ -284,8 +296,7 @@ def _yolo(out, dest, image_dir):
         util.atomic_write(label_path, "".join(lines).encode())  # empty: a background image, not a missing one
         s["label_files"] += 1
         s["lines"] += len(lines)
-        _place_image(os.path.join(image_dir, rel), image_path, s)
-    s["images"] = len(groups)
+        _place_image(os.path.join(image_dir, rel), os.path.join(dest, "images", rel), s)
     names = "".join(f"  {k}: {json.dumps(str(c.get('name', c['id'])))}\n" for k, c in enumerate(cats))
     # JSON strings are YAML double-quoted scalars: any name or path is safe without a YAML library.
     util.atomic_write(os.path.join(dest, "data.yaml"), (
@@ -297,21 +308,11 @@ def _yolo(out, dest, image_dir):
 def _png(out, dest, image_dir):
     s = dict.fromkeys(("images", "pngs", "instances", "empty_masks", "unlabeled_skipped",
                        "overlap_pixels_lost", "instances_hidden", "images_without_size"), 0)
-    groups, s["unlabeled_skipped"] = _by_image(out)
-    mapping, seen = {}, {}
-    for image, anns in groups:
-        rel = _rel_path(image)
-        path = os.path.join(dest, os.path.splitext(rel)[0] + ".png")
-        _claim(seen, path, image)
-        labeled = []
-        for a in anns:
-            m = _mask(a, image)
-            if m is None:
-                s["unlabeled_skipped"] += 1
-            elif not m.any():
-                s["empty_masks"] += 1  # nothing to paint: it gets no index
-            else:
-                labeled.append((a, m))
+    mapping = {}
+    for image, _, path, masks in _masks_by_image(out, s, lambda rel: os.path.join(
+            dest, os.path.splitext(rel)[0] + ".png")):
+        labeled = [(a, m) for a, m in masks if m.any()]
+        s["empty_masks"] += len(masks) - len(labeled)  # nothing to paint: they get no index
         if len(labeled) > 65535:
             raise util.InputError(f"image {image.get('id')} ({image['file_name']}): {len(labeled)} masks, "
                                   f"more than a 16-bit PNG can index (65535)")
@@ -333,7 +334,6 @@ def _png(out, dest, image_dir):
             Image.fromarray(label).save(f, format="PNG")  # uint16 -> mode I;16
         s["pngs"] += 1
         mapping[image["file_name"]] = {str(k + 1): a["id"] for k, (a, _) in enumerate(labeled)}
-    s["images"] = len(groups)
     util.write_json(os.path.join(dest, "instances.json"), mapping, indent=1)
     return s
 
