@@ -105,10 +105,11 @@ def label_argv(w, out, *extra):
             "--device", "cpu", "--quiet", *extra]
 
 
-def run_py(args, env=None):
+def run_py(args, env=None, timeout=120):
+    """python ARGS in the project folder at one thread, its output captured."""
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=HERE, env=e, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
 
 
 class Oracle(torch.nn.Module):

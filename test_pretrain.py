@@ -3,8 +3,6 @@ torchrun."""
 import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -15,7 +13,7 @@ from PIL import Image
 import mal
 import pretrain
 import train
-from conftest import HERE, ann, tiny_argv, write_coco
+from conftest import ann, run_py, tiny_argv, write_coco
 
 TINY_MAE = dict(arch="vit_tiny", patch_size=8, img_size=32, depth=1, decoder_dim=32, decoder_depth=1,
                 decoder_heads=4)
@@ -253,11 +251,9 @@ def test_pretrain_bad_flags_are_one_line_errors(tiny_set, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrain_torchrun_two_cpu_ranks(tiny_set, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
-           os.path.join(HERE, "pretrain.py"),
-           *pretrain_folder(tiny_set, tmp_path, "--epochs", "2", "--batch-size", "1")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run_py(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+                  "pretrain.py",
+                  *pretrain_folder(tiny_set, tmp_path, "--epochs", "2", "--batch-size", "1")], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "on 2× cpu" in res.stderr and "global batch 2" in res.stderr
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)

@@ -3,8 +3,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +15,7 @@ import pretrain
 import recipes
 import train
 import util
-from conftest import HERE, dinov2_authors_layout, save, tiny_argv
+from conftest import dinov2_authors_layout, run_py, save, tiny_argv
 
 
 def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, capsys):
@@ -213,11 +211,9 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
 
 @pytest.mark.slow
 def test_train_torchrun_two_cpu_ranks(tiny_set, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(HERE, "train.py"),
-           *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run_py(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                  "train.py",
+                  *tiny_argv(tiny_set, tmp_path, "--epochs", "1", "--batch-size", "2")], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "teacher identical on all 2 ranks" in res.stderr
     assert "on 2× cpu" in res.stderr
