@@ -303,16 +303,12 @@ def _options(sd):
                  else ", no register tokens")
 
 
-def load_pretrained(model, path):
-    """Load MAE / DeiT / DeiT III / DINOv2 / timm / MAL weights into a VisionTransformer (or a MAL
-    model's encoder).
+def read_pretrained(path):
+    """(encoder, decoder) state dicts of a pretrained file, the encoder's under timm's names.
 
     Unwraps `model` / `state_dict` / `module.` / `backbone.` / `encoder.` wrappers, drops heads and
-    the MAE decoder, renames the DINOv2 and DeiT III authors' keys to timm's, resamples pos_embed to
-    the model's grid (giving it a zero class-token slot where the file has none), and raises a
-    one-line error naming the file and the architecture when the weights do not fit it (tensor
-    shapes, LayerScale, register tokens). A MAL checkpoint given to a MAL model loads both encoder
-    and decoder (teacher weights). Prints what was missing or unused."""
+    the MAE decoder, renames the DINOv2 and DeiT III authors' keys to timm's; a MAL checkpoint gives
+    its teacher's encoder and decoder."""
     sd = util.load_checkpoint(path, "pretrained weights")
     for key in ("teacher", "model", "state_dict", "module"):  # teacher: this project's checkpoints
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -331,6 +327,40 @@ def load_pretrained(model, path):
             for pattern, name in _RENAMES:
                 k = re.sub(pattern, name, k)
             enc[k] = v
+    return enc, dec
+
+
+def pretrained_arch(path):
+    """What a pretrained file's encoder is, read off its tensors: dict(arch, patch_size, depth), arch
+    the VIT_CONFIGS name of its width, LayerScale and register tokens (DINOv2 or DeiT III by the patch
+    where both fit). A one-line error for a file that holds no ViT of a known width."""
+    enc, _ = read_pretrained(path)
+    proj = enc.get("patch_embed.proj.weight")
+    blocks = {int(m.group(1)) for k in enc if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if proj is None or proj.dim() != 4 or not blocks:
+        raise util.InputError(f"{path}: no ViT encoder found (no patch_embed.proj.weight and blocks.N.*)")
+    dim, patch = proj.shape[0], proj.shape[-1]
+    layerscale = any(k.endswith(".ls1.gamma") for k in enc)
+    regs = enc["reg_token"].shape[1] if "reg_token" in enc else 0
+    fits = [name for name, c in VIT_CONFIGS.items() if c["embed_dim"] == dim
+            and ("init_values" in c) == layerscale and c.get("reg_tokens", 0) == regs]
+    if not fits:
+        raise util.InputError(f"{path}: a ViT of width {dim} with {_options(enc)}: no architecture of "
+                              f"{', '.join(VIT_CONFIGS)} has it")
+    # where both fit (DINOv2 and DeiT III at one width), the family released at this patch
+    arch = min(fits, key=lambda name: VIT_CONFIGS[name]["patch_size"] != patch)
+    return dict(arch=arch, patch_size=patch, depth=max(blocks) + 1)
+
+
+def load_pretrained(model, path):
+    """Load MAE / DeiT / DeiT III / DINOv2 / timm / MAL weights into a VisionTransformer (or a MAL
+    model's encoder), as read_pretrained reads them.
+
+    Resamples pos_embed to the model's grid (giving it a zero class-token slot where the file has
+    none), and raises a one-line error naming the file and the architecture when the weights do not
+    fit it (tensor shapes, LayerScale, register tokens). A MAL checkpoint given to a MAL model loads
+    both encoder and decoder (teacher weights). Prints what was missing or unused."""
+    enc, dec = read_pretrained(path)
     encoder = model.encoder if isinstance(model, MAL) else model
     arch = f"{encoder.arch}/{encoder.patch_size}"
     if "pos_embed" in enc:

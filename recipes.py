@@ -1,8 +1,14 @@
-"""Recipes: what train.py trains with (the paper's, its defaults; the demo's, `--demo`) and what a
-checkpoint tells label.py to label with (LabelSettings, saved in the checkpoint).
+"""Recipes: what train.py trains with (the paper's, its defaults; the demo's, `--demo`), the public
+pretrained encoders `--init` takes by name, and what a checkpoint tells label.py to label with
+(LabelSettings, saved in the checkpoint).
 """
 import dataclasses
 import os
+import urllib.error
+
+import torch
+
+import util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,3 +87,47 @@ def checkpoint_settings(ck):
     fields = {f.name for f in dataclasses.fields(LabelSettings)}
     base = dict(crf_iters=args.get("crf_iters", 100), crf_size=args.get("loss_size", 128))
     return LabelSettings(**{**base, **{k: v for k, v in saved.items() if k in fields}}), True
+
+
+# Public pretrained encoders by name (train.py --init NAME): their authors' releases, which
+# mal.load_pretrained reads as they are. Each is downloaded once, by torch.hub, into torch.hub's
+# own checkpoint cache (where torch.hub.load_state_dict_from_url keeps the same files).
+_MAE, _DEIT, _DINOV2 = ("https://dl.fbaipublicfiles.com/mae/pretrain", "https://dl.fbaipublicfiles.com/deit",
+                        "https://dl.fbaipublicfiles.com/dinov2")
+PRETRAINED = {
+    "mae_vit_base": f"{_MAE}/mae_pretrain_vit_base.pth",
+    "mae_vit_large": f"{_MAE}/mae_pretrain_vit_large.pth",
+    "mae_vit_huge": f"{_MAE}/mae_pretrain_vit_huge.pth",
+    "deit_tiny": f"{_DEIT}/deit_tiny_patch16_224-a1311bcf.pth",
+    "deit_small": f"{_DEIT}/deit_small_patch16_224-cd65a155.pth",
+    "deit_base": f"{_DEIT}/deit_base_patch16_224-b5f2ef4d.pth",
+    **{f"dinov2_vit{s}14{reg}": f"{_DINOV2}/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
+       for s in "sblg" for reg in ("", "_reg4")},
+}
+
+
+def pretrained_cache():
+    """Where the named encoders are kept: torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def pretrained_file(init, download=True):
+    """The local file of --init: a path as it is, or a PRETRAINED name's file in pretrained_cache(),
+    downloaded first when absent (download=False: only looked up). A one-line error for a name that
+    is neither, and, when the download fails (no network), one that says which file to fetch and where
+    to put it."""
+    if os.path.exists(init) or init not in PRETRAINED:
+        if not os.path.exists(init) and os.sep not in init and not init.endswith((".pth", ".pt")):
+            raise util.InputError(f"{init}: neither a file nor a known encoder ({', '.join(PRETRAINED)})")
+        return init
+    url = PRETRAINED[init]
+    path = os.path.join(pretrained_cache(), os.path.basename(url))
+    if os.path.exists(path) or not download:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, progress=True)  # to a temporary file, then renamed
+    except (OSError, urllib.error.URLError) as e:
+        raise util.InputError(f"{init}: cannot download {url} ({getattr(e, 'reason', e)}); fetch it on a "
+                              f"machine that is online and put it at {path}") from None
+    return path

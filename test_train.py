@@ -3,7 +3,10 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import time
+import urllib.error
 
 import pytest
 import torch
@@ -35,6 +38,65 @@ def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, caps
                 tiny_set["val_images"], "--out", str(out), "--workers", "0", "--quiet"])
     anns = json.loads(out.read_text())["annotations"]
     assert anns and all("segmentation" in a for a in anns)
+
+
+ONE_RANK = util.Dist(False, 0, 1, torch.device("cpu"))
+
+
+def test_init_decides_the_encoder_and_a_mismatch_is_one_line(tiny_set, tmp_path):
+    """--init's weights set --arch, --patch-size and --depth over --demo's; flags given must agree,
+    --depth may keep fewer blocks."""
+    init = save(mal.vit("vit_small_dinov2", depth=2, img_size=28).state_dict(), tmp_path / "d.pth")
+    base = ["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
+            "--init", init]
+    args = train.get_args(base)
+    train.encoder_from_init(args, ONE_RANK)
+    assert (args.arch, args.patch_size, args.depth) == ("vit_small_dinov2", 14, 2)
+    args = train.get_args(base + ["--depth", "1", "--arch", "vit_small_dinov2"])
+    train.encoder_from_init(args, ONE_RANK)
+    assert (args.arch, args.patch_size, args.depth) == ("vit_small_dinov2", 14, 1)
+    for extra, why in ((["--arch", "vit_small"], "its encoder is vit_small_dinov2 with patch 14, but --arch "
+                                                 "vit_small was given"),
+                       (["--patch-size=16"], "but --patch-size 16 was given"),
+                       (["--depth", "3"], "its encoder has 2 blocks, --depth 3 was given")):
+        with pytest.raises(util.InputError, match=re.escape(why)) as e:
+            train.encoder_from_init(train.get_args(base + extra), ONE_RANK)
+        assert "\n" not in str(e.value)
+
+
+def test_init_by_name_downloads_once_into_torch_hub_s_cache(tiny_set, tmp_path, monkeypatch):
+    """--init NAME goes through torch.hub's download into its checkpoint cache, then reads the file like
+    any other; a second run finds it there. Without a network: one line naming the URL and where to put
+    the file."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    local = save(mal.vit("vit_small_dinov2", depth=1, img_size=28).state_dict(), tmp_path / "d.pth")
+    fetched = []
+
+    def download(url, dst, progress=True):
+        fetched.append(url)
+        shutil.copy(local, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    argv = ["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
+            "--init", "dinov2_vits14"]
+    for _ in range(2):
+        args = train.get_args(argv)
+        train.encoder_from_init(args, ONE_RANK)
+    url = recipes.PRETRAINED["dinov2_vits14"]
+    assert fetched == [url] and args.init == str(tmp_path / "hub" / "checkpoints" / os.path.basename(url))
+    assert (args.arch, args.patch_size, args.depth) == ("vit_small_dinov2", 14, 1)
+
+    def offline(url, dst, progress=True):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    url = recipes.PRETRAINED["deit_small"]
+    why = (f"deit_small: cannot download {url} (Name or service not known); fetch it on a machine that is "
+           f"online and put it at {tmp_path / 'hub'}")
+    with pytest.raises(util.InputError, match=re.escape(why)):
+        train.encoder_from_init(train.get_args(argv[:-1] + ["deit_small"]), ONE_RANK)
+    with pytest.raises(util.InputError, match="dinov9: neither a file nor a known encoder"):
+        train.encoder_from_init(train.get_args(argv[:-1] + ["dinov9"]), ONE_RANK)
 
 
 def test_grouped_sampler_splits_ranks_into_grouped_blocks(tiny_set):

@@ -55,8 +55,9 @@ def _flags(p):
       help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
     g("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
     g("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
-    g("--init", help="pretrained encoder for mal.load_pretrained: MAE, DeiT, DeiT III (--arch deit3_*), "
-                     "DINOv2 (--arch vit_*_dinov2[_reg4] --patch-size 14), timm or a MAL checkpoint")
+    g("--init", help="pretrained encoder: a file (MAE, DeiT, DeiT III, DINOv2, timm or a MAL checkpoint) or "
+                     "a public encoder's name (downloaded once: " + ", ".join(recipes.PRETRAINED) + "); it "
+                     "decides --arch, --patch-size and --depth (--depth may keep fewer blocks)")
     g("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
     g = p.add_argument_group("optimisation").add_argument
     g("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
@@ -136,6 +137,11 @@ def get_args(argv=None):
             if getattr(args, k) is None:
                 setattr(args, k, v)
     args.out = args.out or "runs/mal"
+    if args.init:  # the weights decide what is not given (encoder_from_init)
+        for key in ("arch", "patch_size", "depth"):
+            flag = "--" + key.replace("_", "-")
+            if not any(a == flag or a.startswith(flag + "=") for a in argv):
+                setattr(args, key, None)
     if not args.train_json or not args.images:
         p.error("--train-json and --images are required (or run with no arguments for the demo)")
     if bool(args.val_json) != bool(args.val_images):
@@ -164,8 +170,33 @@ def check_inputs(args):
             if missing:
                 print(f"train.py: {flag} {path}: {missing} of its {len(files)} images are missing "
                       f"under {folder}; their boxes will be skipped", file=sys.stderr)
-    if args.init and not args.resume:
-        util.load_checkpoint(args.init, "--init")
+
+
+def encoder_from_init(args, d):
+    """--init's file (a named encoder is downloaded by rank 0 first) and the encoder it holds: --arch,
+    --patch-size and --depth left unset take the weights'; given, they must agree (--depth may keep
+    fewer blocks than the weights have)."""
+    if d.rank == 0:
+        recipes.pretrained_file(args.init)
+    util.barrier(d)
+    args.init = recipes.pretrained_file(args.init, download=False)
+    try:
+        found = mal.pretrained_arch(args.init)
+    except util.InputError as e:
+        raise util.InputError(f"--init {e}") from None
+    for key in ("arch", "patch_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, found[key])
+        elif getattr(args, key) != found[key]:
+            flag = "--" + key.replace("_", "-")
+            raise util.InputError(f"--init {args.init}: its encoder is {found['arch']} with patch "
+                                  f"{found['patch_size']}, but {flag} {getattr(args, key)} was given "
+                                  f"(leave it out: the weights decide)")
+    if args.depth is None:
+        args.depth = found["depth"]
+    elif not 1 <= args.depth <= found["depth"]:
+        raise util.InputError(f"--init {args.init}: its encoder has {found['depth']} blocks, --depth "
+                              f"{args.depth} was given")
 
 
 def make_data(args, d):
@@ -325,6 +356,8 @@ def main(argv=None):
         if args.demo_data and d.rank == 0:
             synthetic.make_demo(recipes.DEMO_ROOT)
         util.barrier(d)
+        if args.init:
+            encoder_from_init(args, d)
         check_inputs(args)
         os.makedirs(args.out, exist_ok=True)
         dataset, sampler, steps_per_epoch = make_data(args, d)
