@@ -83,6 +83,20 @@ def test_nuclei_set_from_the_wheel(tmp_path):
     assert len(coco["images"]) == len(quality.NUCLEI_SLICES) == 12 and len(coco["annotations"]) == 192
 
 
+def test_photo_set_is_read_in_place_and_its_absence_is_one_line(tiny_set, tmp_path, capsys):
+    """--photos names a folder holding instances.json and images/: the runs read it where it lies."""
+    src = tmp_path / "photos"
+    (src / "images").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=f"quality.py: the photo set {src}: no instances.json .*--photos"):
+        quality.main(["--sets", "photos", "--make-sets", "--root", str(tmp_path), "--photos", str(src)])
+    (src / "instances.json").write_text(open(tiny_set["val_json"]).read())
+    paths = quality._split(quality.make_photos, source=str(src))(str(tmp_path / "unused"))
+    assert paths == dict(train_json=str(src / "instances.json"), train_images=str(src / "images"), val=False,
+                         label_json=str(src / "instances.json"), label_images=str(src / "images"))
+    quality.main(["--sets", "photos", "--make-sets", "--root", str(tmp_path), "--photos", str(src)])
+    assert not (tmp_path / "sets").exists()  # nothing copied
+
+
 def _tiny_sets(tiny_set):
     return {"tiny": quality._split(lambda root: tiny_set)}
 
