@@ -75,9 +75,7 @@ def chunk_path(parts, k):
     return os.path.join(parts, f"chunk{k:06d}.json")
 
 
-def side_file(out, suffix):
-    """labels.json -> labels<suffix> (e.g. labels.report.json)."""
-    return (out[:-5] if out.endswith(".json") else out) + suffix
+side_file = util.side_file  # labels.json -> labels<suffix>
 
 
 class Progress:
@@ -194,9 +192,9 @@ def demo_argv():
     ckpt = os.path.join(recipes.DEMO_DATA["out"], "last.pt")
     if not os.path.exists(ckpt) and int(os.environ.get("RANK", "0")) == 0:
         print(f"label.py: {ckpt} not found; training it with `python train.py`", file=sys.stderr)
-        subprocess.run([sys.executable, os.path.join(HERE, "train.py")], cwd=HERE, check=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "train.py")], check=True)
     return ["--ckpt", ckpt, "--json", d["val_json"], "--images", d["val_images"],
-            "--out", os.path.join(HERE, "demo", "labels.json"), "--vis", "8", "--review", "8", "--eval",
+            "--out", os.path.join(recipes.DEMO_HOME, "labels.json"), "--vis", "8", "--review", "8", "--eval",
             "--crf-refine"]
 
 
@@ -325,7 +323,7 @@ def write_outputs(args, boxes, results):
 
 
 def write_extras(args, d, boxes, out, review):
-    """--eval, --vis and --review."""
+    """--eval, then --vis, --review and --format (export.write_requested, as export.py)."""
     if args.eval:
         if boxes.gt is None:
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
@@ -339,15 +337,8 @@ def write_extras(args, d, boxes, out, review):
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
                   f"(lower: FG and BG apart)", flush=True)  # before the summary line, which ends the output
-    if args.vis:
-        vis_dir = args.vis_dir or side_file(args.out, ".vis")
-        n = len(evaluation.write_overlays(out, args.images, vis_dir, args.vis))
-        print(f"label.py: {n} overlays in {vis_dir}", file=sys.stderr)
-    if args.review:
-        review_dir = side_file(args.out, ".review")
-        n = len(evaluation.write_review(out, review, args.images, review_dir, args.review))
-        print(f"label.py: the {n} lowest-scored masks in {review_dir} (all {len(review)} by mask_score in "
-              f"{side_file(args.out, '.review.json')})", file=sys.stderr)
+    export.write_requested(out, review, args.out, args.images, fmt=args.format, dest=args.export_to,
+                           vis=args.vis, vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
 
 
 def summary_line(args, report, t0):
@@ -381,10 +372,6 @@ def run(args, d, settings, t0):
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     write_extras(args, d, boxes, out, review)
-    if args.format != "coco":
-        counts = export.write(out, args.format, args.export_to, image_dir=args.images)
-        print(f"label.py: --format {args.format} in {args.export_to}: "
-              + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
     print(summary_line(args, report, t0), file=sys.stderr, flush=True)
     return report["summary"]["unlabeled"]
 

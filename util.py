@@ -67,6 +67,11 @@ def write_json(path, obj, **kw):
         json.dump(obj, f, **(kw or dict(separators=(",", ":"))))
 
 
+def side_file(out, suffix):
+    """labels.json -> labels<suffix> (e.g. labels.report.json): the files written beside a labels file."""
+    return (out[:-5] if out.endswith(".json") else out) + suffix
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading, with one-line errors.
 
