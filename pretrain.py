@@ -40,7 +40,6 @@ import recipes
 import synthetic
 import util
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
@@ -49,7 +48,7 @@ DEMO = dict(json=recipes.DEMO_DATA["train_json"], images=recipes.DEMO_DATA["imag
             min_area=recipes.DEMO["min_area"], arch=recipes.DEMO["arch"], depth=recipes.DEMO["depth"],
             patch_size=recipes.DEMO["patch_size"], img_size=recipes.DEMO["img_size"], decoder_dim=128,
             decoder_depth=1, decoder_heads=4, batch_size=32, epochs=8, lr_per_image=1e-4, warmup_steps=30,
-            out=os.path.join(HERE, "demo", "pretrain"), workers=1, vis=8)
+            out=os.path.join(recipes.DEMO_HOME, "pretrain"), workers=1, vis=8)
 
 # ----------------------------------------------------------------------------------------------
 # The model: mal's ViT encoder plus MAE's decoder.
