@@ -484,7 +484,14 @@ RESUME_KEYS = ("model_args", "world", "views", "batch_size", "accum", "epochs", 
 
 
 def main(argv=None):
+    """The command: pretrain() under SIGINT / SIGTERM handling (util.Stop: one line, last.pt kept)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
+    with util.run_stop("pretrain.py", argv, os.path.join(args.out, "last.pt")) as stop:
+        pretrain(args, stop)
+
+
+def pretrain(args, stop):
     try:
         d = util.setup_distributed(args.device)
         if args.demo and d.rank == 0:
@@ -534,7 +541,9 @@ def main(argv=None):
     sums, unreadable, reported = None, 0, set()  # this rank's skipped views, and the errors it has printed
     clock = util.SaveClock(step, args.save_minutes, args.save_every, d)
     state = lambda: (d, net, opt, mask_rng, model_args, step, epoch, args)  # noqa: E731  what save() writes
-    while step < stop_step:
+    signum = 0
+    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
+    while step < stop_step and not signum:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -578,12 +587,16 @@ def main(argv=None):
                 t_log, t0, step0, sums = time.time(), time.time(), step, None
             if clock.due(step):
                 save(os.path.join(args.out, "last.pt"), *state())
-            if step >= stop_step:
+            signum = stop.requested()
+            if step >= stop_step or signum:
                 break
         del batches, loader
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
     save(os.path.join(args.out, "last.pt"), *state())
+    if signum:
+        util.shutdown(d)
+        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {step} of {stop_step}")
     unreadable = int(util.all_reduce(d, torch.tensor([unreadable], device=device)).item())
     log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
         + (f"; {unreadable} unreadable views skipped on {d.world} ranks" if unreadable else ""))

@@ -318,8 +318,24 @@ def check_teacher(d, teacher):
         raise RuntimeError("the EMA teacher differs between ranks")
 
 
+def loss_options(args):
+    """mal.mal_loss's keyword arguments from the flags (Eq. 1-5, the ramps, the flood)."""
+    return dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
+                crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
+                omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
+                flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
+                                args.flood_size, args.flood_open) if args.flood else None)
+
+
 def main(argv=None):
+    """The command: train() under SIGINT / SIGTERM handling (util.Stop: one line, last.pt kept)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
+    with util.run_stop("train.py", argv, os.path.join(args.out, "last.pt")) as stop:
+        train(args, stop)
+
+
+def train(args, stop):
     try:
         d = util.setup_distributed(args.device)
         if args.demo_data and d.rank == 0:
@@ -358,11 +374,7 @@ def main(argv=None):
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
-                   crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
-                   omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
-                   flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
-                                   args.flood_size, args.flood_open) if args.flood else None)
+    loss_kw = loss_options(args)
     log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
         f"global batch {global_batch}, peak lr {peak_lr:.3g}"
@@ -370,7 +382,9 @@ def main(argv=None):
                                     f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
     progress = Log(args, d, run.step, stop_step, global_batch)
     clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
-    while run.step < stop_step:
+    signum = 0
+    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
+    while run.step < stop_step and not signum:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(run.epoch)  # the augmentations' seeds (and the grouped sampler's order)
         if hasattr(sampler, "set_epoch"):
@@ -419,7 +433,8 @@ def main(argv=None):
                 paused = time.time()
                 run.save(os.path.join(args.out, "last.pt"))
                 progress.pause(time.time() - paused)
-            if run.step >= stop_step:
+            signum = stop.requested()
+            if run.step >= stop_step or signum:
                 break
         del batches, loader
         if run.step == (run.epoch + 1) * steps_per_epoch:
@@ -428,6 +443,9 @@ def main(argv=None):
             progress.pause(time.time() - paused)
     if run.step % steps_per_epoch:  # else the epoch's end has just saved it
         run.save(os.path.join(args.out, "last.pt"))
+    if signum:
+        util.shutdown(d)
+        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {run.step} of {stop_step}")
     log(f"done: step {run.step}, {os.path.join(args.out, 'last.pt')}"
         + (f"; best.pt: epoch {run.best['epoch']}, mIoU {run.best['miou']:.3f}"
            if run.best["epoch"] is not None else ""))
