@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +74,23 @@ def fingerprint(args, device):
 
 def chunk_path(parts, k):
     return os.path.join(parts, f"chunk{k:06d}.json")
+
+
+def partial_path(parts, k):
+    """The boxes of chunk k that a stopped run finished: a rerun labels only the others."""
+    return os.path.join(parts, f"chunk{k:06d}.partial.json")
+
+
+def read_results(path):
+    """{ann_id: result} of a chunk file ({} where there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(a): r for a, r in json.load(f)["results"].items()}
+
+
+def write_results(path, k, results):
+    util.write_json(path, {"chunk": k, "results": {str(a): r for a, r in sorted(results.items())}})
 
 
 side_file = util.side_file  # labels.json -> labels<suffix>
@@ -187,12 +205,24 @@ def get_args(argv):
 
 
 def demo_argv():
-    """The demo's command line; trains demo/run/last.pt first (python train.py) if it is absent."""
+    """The demo's command line; trains demo/run/last.pt first (python train.py) if it is absent, or
+    finishes it (--demo --resume) where a stopped run left it short of its last epoch."""
     d = synthetic.make_demo(recipes.DEMO_ROOT)
     ckpt = os.path.join(recipes.DEMO_DATA["out"], "last.pt")
-    if not os.path.exists(ckpt) and int(os.environ.get("RANK", "0")) == 0:
-        print(f"label.py: {ckpt} not found; training it with `python train.py`", file=sys.stderr)
-        subprocess.run([sys.executable, os.path.join(HERE, "train.py")], check=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ck = predictor.load_checkpoint(ckpt, mmap=True) if os.path.exists(ckpt) else None
+        flags = [] if ck is None else ["--demo", "--resume"] if ck["epoch"] < ck["args"]["epochs"] else None
+        if flags is not None:
+            print(f"label.py: {ckpt} {'not found' if ck is None else 'unfinished'}; training it with "
+                  f"`{' '.join(['python train.py', *flags])}`", file=sys.stderr)
+            # Ctrl-C reaches train.py too: it saves last.pt and says how to continue; this waits for it.
+            ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                status = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags]).returncode
+            finally:
+                signal.signal(signal.SIGINT, ignored)
+            if status:
+                sys.exit(status)
     return ["--ckpt", ckpt, "--json", d["val_json"], "--images", d["val_images"],
             "--out", os.path.join(recipes.DEMO_HOME, "labels.json"), "--vis", "8", "--review", "8", "--eval",
             "--crf-refine"]
@@ -256,27 +286,34 @@ def open_parts(args, d, n_chunks):
     return parts, done
 
 
-def label_chunks(args, d, settings, boxes, chunks, mine, parts):
-    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done."""
+def label_chunks(args, d, settings, boxes, chunks, mine, parts, stop):
+    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done. On SIGINT or
+    SIGTERM (stop), the boxes done in the chunk at hand go to its .partial.json, all but less than a
+    batch, and a rerun labels only the rest."""
     nets = predictor.build_nets(predictor.load_checkpoint(args.ckpt), settings.net, d.device, args.ckpt)
-    order = [iid for k in mine for iid in chunks[k]]
-    groups = [k for k in mine for _ in chunks[k]]
-    prog = Progress(len(order), sum(len(boxes.todo[i]) for i in order),
+    kept = {k: read_results(partial_path(parts, k)) for k in mine}
+    todo = {i: [a for a in boxes.todo[i] if a["id"] not in kept[k]] for k in mine for i in chunks[k]}
+    order = [i for k in mine for i in chunks[k] if todo[i]]
+    groups = [k for k in mine for i in chunks[k] if todo[i]]
+    prog = Progress(len(order), sum(len(todo[i]) for i in order),
                     "label" if d.world == 1 else f"label[rank {d.rank}]", quiet=args.quiet)
     stream = predictor.LabelStream(nets, settings, d.device, batch_size=args.batch_size, threads=args.threads,
                                    progress=prog)
-    stop_after = int(os.environ.get("MAL_LABEL_STOP_AFTER", "0"))  # test hook: simulate a kill
-    for n_written, (k, res) in enumerate(stream.run([boxes.images[i] for i in order],
-                                                    {i: boxes.todo[i] for i in order}, args.images,
-                                                    groups=groups, workers=args.workers), 1):
-        util.write_json(chunk_path(parts, k),
-                        {"chunk": k, "results": {str(a): r for a, r in sorted(res.items())}})
-        if stop_after and n_written >= stop_after:
-            print(f"label.py: MAL_LABEL_STOP_AFTER={stop_after}: exiting hard", file=sys.stderr, flush=True)
-            os._exit(75)
+    for k in sorted(set(mine) - set(groups)):  # a stopped run had finished all its boxes
+        write_results(chunk_path(parts, k), k, kept[k])
+    written = 0
+    stop.looping, stop.rank = True, d.rank
+    for k, res in stream.run([boxes.images[i] for i in order], {i: todo[i] for i in order}, args.images,
+                             groups=groups, workers=args.workers, stop=lambda: stop.signum):
+        write_results(partial_path(parts, k) if k == stream.partial else chunk_path(parts, k), k,
+                      {**kept[k], **res})
+        written += len(res)
+        if k != stream.partial and os.path.exists(partial_path(parts, k)):
+            os.remove(partial_path(parts, k))
+    stop.looping = False
     prog.update(force=True)
-
-
+    if stop.signum:
+        stop.exit(stop.signum, f"{written} more boxes labeled, kept in {parts}")
 def merge_chunks(boxes, n_chunks, parts):
     """{ann_id: result} of every annotation: the chunks' and the boxes that could not be labeled."""
     results = {}
@@ -355,7 +392,7 @@ def summary_line(args, report, t0):
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
 
 
-def run(args, d, settings, t0):
+def run(args, d, settings, t0, stop):
     """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0)."""
     boxes = coco.load_boxes(args.json, args.images_json, args.score_thr)
     ids = sorted(boxes.todo)
@@ -363,7 +400,7 @@ def run(args, d, settings, t0):
     parts, done = open_parts(args, d, len(chunks))
     mine = [k for k in range(len(chunks)) if k not in done][d.rank::d.world]
     if mine:
-        label_chunks(args, d, settings, boxes, chunks, mine, parts)
+        label_chunks(args, d, settings, boxes, chunks, mine, parts, stop)
     util.barrier(d)
     if d.rank != 0:
         return 0
@@ -381,16 +418,23 @@ def main(argv=None):
     args = get_args(argv if argv else demo_argv())
     t0 = time.time()
     d = None
-    try:
-        check_inputs(args)
-        settings = resolve_settings(args)
-        d = util.setup_distributed(args.device, args.dist_timeout)
-        n_unlabeled = run(args, d, settings, t0)
-    except util.InputError as e:
-        util.fail("label.py", e)
-    finally:
-        if d is not None:
-            util.shutdown(d)
+    parts = args.out + ".parts"
+
+    def said():  # for a SIGINT or SIGTERM: what is kept, and the command that continues (--fresh would not)
+        return ((f"the chunks done so far in {parts}" if os.path.isdir(parts) else "nothing labeled"),
+                util.command_line(argv, drop=("--fresh",)))
+
+    with util.Stop("label.py", said) as stop:
+        try:
+            check_inputs(args)
+            settings = resolve_settings(args)
+            d = util.setup_distributed(args.device, args.dist_timeout)
+            n_unlabeled = run(args, d, settings, t0, stop)
+        except util.InputError as e:
+            util.fail("label.py", e)
+        finally:
+            if d is not None:
+                util.shutdown(d)
     if args.strict and n_unlabeled:
         sys.exit(3)
 

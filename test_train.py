@@ -18,7 +18,7 @@ import pretrain
 import recipes
 import train
 import util
-from conftest import HERE, dinov2_authors_layout, interrupt, run_py, save, tiny_argv
+from conftest import HERE, Pipe, dinov2_authors_layout, interrupt, run_py, save, tiny_argv
 
 
 def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, capsys):
@@ -284,19 +284,9 @@ def test_ctrl_c_saves_last_pt_in_one_line_and_the_resume_is_exact(tiny_set, tmp_
 def test_a_signal_before_the_first_step_says_nothing_was_saved(tiny_set, tmp_path):
     """SIGTERM while the run sets up (here: reading --train-json, a pipe that stays empty): one line, the
     same command to rerun, exit status 143."""
-    fifo, writer = tmp_path / "boxes.json", []
-    os.mkfifo(fifo)
-
-    def reading():  # the run waits in read(): the pipe has a writer that writes nothing
-        try:
-            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # fails until the run opens it
-            return True
-        except OSError:
-            return False
-
+    pipe = Pipe(tmp_path / "boxes.json")
     argv = tiny_argv(tiny_set, tmp_path / "early", "--epochs", "300")
-    argv[argv.index("--train-json") + 1] = str(fifo)
-    rc, lines, _ = interrupt(["train.py", *argv], after=reading, signum=signal.SIGTERM, group=False)
-    os.close(writer[0])
+    argv[argv.index("--train-json") + 1] = pipe.path
+    rc, lines, _ = interrupt(["train.py", *argv], pipe.waiting, signal.SIGTERM, group=False, then=pipe.feed)
     assert rc == 143 and lines == [f"train.py: stopped by SIGTERM: nothing saved; continue with: "
                                    f"{shlex.join(['python', 'train.py', *argv])}\n"], "".join(lines[-20:])
