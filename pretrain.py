@@ -542,6 +542,7 @@ def pretrain(args, stop):
     clock = util.SaveClock(step, args.save_minutes, args.save_every, d)
     state = lambda: (d, net, opt, mask_rng, model_args, step, epoch, args)  # noqa: E731  what save() writes
     signum = 0
+    util.dataloader_warning_once()
     stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
     while step < stop_step and not signum:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---

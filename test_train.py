@@ -290,3 +290,21 @@ def test_a_signal_before_the_first_step_says_nothing_was_saved(tiny_set, tmp_pat
     rc, lines, _ = interrupt(["train.py", *argv], pipe.waiting, signal.SIGTERM, group=False, then=pipe.feed)
     assert rc == 143 and lines == [f"train.py: stopped by SIGTERM: nothing saved; continue with: "
                                    f"{shlex.join(['python', 'train.py', *argv])}\n"], "".join(lines[-20:])
+
+
+def test_a_cpu_run_without_demo_says_what_it_costs_and_warns_of_long_ramps_once(tiny_set, tmp_path, capsys):
+    argv = tiny_argv(tiny_set, tmp_path, "--max-steps", "2", "--warmup-steps", "5", "--crf-ramp", "9")
+    train.main(argv)
+    err = capsys.readouterr().err
+    ramps = "train.py: warning: --warmup-steps 5 and --crf-ramp 9 steps, longer than the run's 2: "
+    assert err.count(ramps) == 1
+    guard = [line for line in err.splitlines() if line.startswith("train.py: warning: no GPU and no --demo")]
+    assert len(guard) == 1 and "2 steps of 4 crops of vit_tiny/8 at 32px take about " in guard[0]
+    assert guard[0].endswith(" ".join(argv) + " --demo")
+    assert err.index(guard[0]) < err.index("epoch 0 step 1/")  # before the first step
+    train.main([*argv, "--demo", "--out", str(tmp_path / "demo")])
+    assert "no GPU" not in capsys.readouterr().err
+
+
+def test_the_duration_reads_at_a_glance():
+    assert [util.duration(s) for s in (45, 720, 27000)] == ["45 s", "12 min", "7.5 h"]

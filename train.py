@@ -327,15 +327,54 @@ def loss_options(args):
                                 args.flood_size, args.flood_open) if args.flood else None)
 
 
+def seconds_per_crop(net, teacher, size, device):
+    """One crop through the task network, forward and backward, and the teacher, timed; the weights,
+    their gradients (none before the first step) and the random state are left as they were."""
+    rng = torch.get_rng_state()
+    x = torch.zeros(1, 3, size, size, device=device)
+    t0 = time.perf_counter()
+    net(x).float().mean().backward()
+    with torch.no_grad():
+        teacher(x)
+    net.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return time.perf_counter() - t0
+
+
+def announce(args, d, run, schedule, stop_step, global_batch, demo_command):
+    """What is about to run, before the first step (rank 0), and a warning for each of: a warm-up or
+    loss ramp longer than the run; a run on the CPU that is not --demo (what it is, its time from one
+    timed crop, the --demo command); torch's DataLoader worker warning (once, not once per line of its
+    code that checks)."""
+    log = util.rank0_log(d)
+    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: {schedule}"
+        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
+                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
+    util.dataloader_warning_once()
+    ramps = [("--warmup-steps", args.warmup_steps)]
+    ramps += [] if args.gt_masks else [("--mil-ramp", args.mil_ramp), ("--crf-ramp", args.crf_ramp)]
+    long = [f"{flag} {n}" for flag, n in ramps if n > stop_step]
+    if long:
+        log(f"train.py: warning: {' and '.join(long)} steps, longer than the run's {stop_step}: the learning "
+            f"rate or loss weight never reaches its full value")
+    if d.device.type == "cpu" and not args.demo and d.rank == 0:
+        secs = seconds_per_crop(run.net, run.teacher, args.img_size, d.device)
+        steps, crops = stop_step - run.step, global_batch // d.world  # a rank's crops a step
+        log(f"train.py: warning: no GPU and no --demo: {steps} steps of {global_batch} crops of "
+            f"{args.arch}/{args.patch_size} at {args.img_size}px take about "
+            f"{util.duration(secs * crops * steps)} on this CPU ({secs:.2f} s a crop, timed). "
+            f"The CPU recipe (about 3 min on 2 cores): {demo_command}")
+
+
 def main(argv=None):
     """The command: train() under SIGINT / SIGTERM handling (util.Stop: one line, last.pt kept)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
     with util.run_stop("train.py", argv, os.path.join(args.out, "last.pt")) as stop:
-        train(args, stop)
+        train(args, stop, util.command_line([*argv, "--demo"]))
 
 
-def train(args, stop):
+def train(args, stop, demo_command):
     try:
         d = util.setup_distributed(args.device)
         if args.demo_data and d.rank == 0:
@@ -375,11 +414,8 @@ def train(args, stop):
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     loss_kw = loss_options(args)
-    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
-        f"global batch {global_batch}, peak lr {peak_lr:.3g}"
-        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
-                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
+    announce(args, d, run, f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
+             f"global batch {global_batch}, peak lr {peak_lr:.3g}", stop_step, global_batch, demo_command)
     progress = Log(args, d, run.step, stop_step, global_batch)
     clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
     signum = 0

@@ -16,6 +16,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -479,6 +480,18 @@ class SaveClock:
 
 # ----------------------------------------------------------------------------------------------
 # Output
+
+
+def dataloader_warning_once():
+    """torch's warning that a DataLoader has more workers than the machine has cores, once a run: its code
+    checks twice, from two lines, so the default filter shows it twice."""
+    warnings.filterwarnings("once", message="This DataLoader will create")
+
+
+def duration(seconds):
+    """Seconds in words a person reads at a glance: 45 s, 12 min, 7.5 h."""
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+            else f"{seconds / 3600:.1f} h")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
