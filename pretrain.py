@@ -372,7 +372,8 @@ A killed run continues with the same command plus --resume.""")
     a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
     a("--min-area", type=float, default=data.RECIPE_MIN_AREA,
       help="box views: skip boxes smaller than this many px²")
-    a("--arch", default="vit_base", choices=ARCHS, help="ViT image encoder")
+    a("--arch", default="vit_base", choices=ARCHS, metavar="ARCH",
+      help=f"ViT image encoder: {', '.join(ARCHS)}")
     a("--depth", type=int, default=None, help="override the encoder's number of blocks")
     a("--patch-size", type=int, default=16, help="ViT patch size")
     a("--img-size", type=int, default=224,

@@ -308,3 +308,18 @@ def test_a_cpu_run_without_demo_says_what_it_costs_and_warns_of_long_ramps_once(
 
 def test_the_duration_reads_at_a_glance():
     assert [util.duration(s) for s in (45, 720, 27000)] == ["45 s", "12 min", "7.5 h"]
+
+
+def test_a_truncated_resume_checkpoint_is_named_once(tiny_set, tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:2000])
+    with pytest.raises(SystemExit, match=r"^train.py: --resume checkpoint .*cut.pt: truncated: 2,000 bytes"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--resume", str(tmp_path / "cut.pt")))
+
+
+def test_the_usage_block_names_the_architectures_once(capsys):
+    for mod in (train, pretrain):
+        with pytest.raises(SystemExit):
+            mod.get_args(["--help"])
+        out = capsys.readouterr().out
+        assert out.count("vit_large,") == 1 and "[--arch ARCH]" in out, mod.__name__

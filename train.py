@@ -49,7 +49,8 @@ def _flags(p):
       help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
     g("--workers", type=int, default=4, help="DataLoader worker processes per process")
     g = p.add_argument_group("model").add_argument
-    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), metavar="ARCH",
+      help=f"ViT image encoder: {', '.join(mal.VIT_CONFIGS)}")
     g("--depth", type=int, default=None, help="override the encoder's number of blocks")
     g("--patch-size", type=int, default=16,
       help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")

@@ -440,7 +440,7 @@ def resume_state(path, now, keys, what):
     value as `now` (a dict) for each of keys, which the data position and the schedule follow from."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no checkpoint to resume from")
-    ck = load_checkpoint(path, f"{what} checkpoint")
+    ck = load_checkpoint(path, "--resume checkpoint")  # the command's name comes first in its line
     need_keys(ck, ("args", "world", "model_args", "step", "epoch", "optimizer", "rng"), path,
               f"{what} checkpoint")
     saved = dict(ck["args"], world=ck["world"], model_args=ck["model_args"])
