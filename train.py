@@ -409,14 +409,14 @@ def train(args, stop, demo_command):
         torch.set_rng_state(ck["rng"][d.rank]["torch"])
         if d.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"][d.rank]["cuda"], d.device)
+    announce(args, d, run, f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
+             f"global batch {global_batch}, peak lr {peak_lr:.3g}", stop_step, global_batch, demo_command)
     # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
     task = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.ddp else net
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     loss_kw = loss_options(args)
-    announce(args, d, run, f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
-             f"global batch {global_batch}, peak lr {peak_lr:.3g}", stop_step, global_batch, demo_command)
     progress = Log(args, d, run.step, stop_step, global_batch)
     clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
     signum = 0
