@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 import coco
 import label
 import recipes
+import synthetic
 from conftest import HERE, Pipe, interrupt, label_argv, run_py
 
 
@@ -289,3 +290,25 @@ def test_formats_write_what_their_clients_read(world, tmp_path, capsys):
                               # indices 1..n)
         item = ds[i]
         assert len(item["cls"]) == len(ds.labels[i]["segments"]) == int(item["masks"].max())
+
+
+def test_the_demo_trains_its_checkpoint_or_finishes_a_stopped_one_first(tmp_path, monkeypatch, capsys):
+    """python label.py with no arguments: no demo/run/last.pt, train.py trains it; one that a stopped run
+    left short of its epochs, train.py --demo --resume finishes it; a finished one is used as it is.
+    train.py's exit status (130 after Ctrl-C) is label.py's."""
+    monkeypatch.setattr(synthetic, "make_demo", lambda root: dict(val_json="v.json", val_images="val"))
+    monkeypatch.setitem(recipes.DEMO_DATA, "out", str(tmp_path))
+    calls, status = [], [0]
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd[2:]) or
+                        subprocess.CompletedProcess(cmd, status[0]))
+    label.demo_argv()
+    for epoch in (3, 10):
+        torch.save(dict(model_args={}, task={}, epoch=epoch, args={"epochs": 10}), tmp_path / "last.pt")
+        label.demo_argv()
+    assert calls == [[], ["--demo", "--resume"]]
+    assert "last.pt unfinished; training it with `python train.py --demo --resume`" in capsys.readouterr().err
+    torch.save(dict(model_args={}, task={}, epoch=3, args={"epochs": 10}), tmp_path / "last.pt")
+    status[0] = 130
+    with pytest.raises(SystemExit) as e:
+        label.demo_argv()
+    assert e.value.code == 130
