@@ -7,7 +7,8 @@ instances JSON with an RLE mask per box, using a trained MAL checkpoint.
 
 Work is committed in chunks (a fixed block of sorted image ids each) under OUT.parts/, so a rerun of
 the same command after a crash or kill -9 skips what is done, with any world size, and the merged
-output is byte-identical to an uninterrupted run. No box is lost silently: one that cannot be labeled
+output is byte-identical to an uninterrupted run; Ctrl-C or SIGTERM also keeps the boxes of the chunk at
+hand whose batch has run. No box is lost silently: one that cannot be labeled
 keeps its box, gets no `segmentation`, and is listed with its reason in OUT's .report.json.
 
 Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object (predictor.mask_score);

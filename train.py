@@ -5,10 +5,11 @@
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
 One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
-The run folder holds last.pt (the whole state, written at each epoch's end and about every
---save-minutes; --resume continues it exactly), best.pt (the same at the end of the epoch with the
-best validation mIoU, when --val-json is given), epoch_N.pt only with --keep-epochs, log.jsonl (the
-progress numbers, with the loss weights as they ramp in) and val.jsonl (validation mIoU at each epoch end).
+The run folder holds last.pt (the whole state, written at each epoch's end, about every
+--save-minutes and on Ctrl-C or SIGTERM; --resume continues it exactly), best.pt (the same at the end
+of the epoch with the best validation mIoU, when --val-json is given), epoch_N.pt only with
+--keep-epochs, log.jsonl (the progress numbers, with the loss weights as they ramp in) and val.jsonl
+(validation mIoU at each epoch end).
 """
 import argparse
 import contextlib
