@@ -3,8 +3,11 @@ faults in it, oracle networks, and the argument lists of small runs. The project
 imported where they are used, so that one that fails to import fails only the tests that need it."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +113,61 @@ def run_py(args, env=None, timeout=120):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=HERE, env=e, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def interrupt(args, after, signum=signal.SIGINT, group=True, timeout=180, then=None):
+    """python ARGS in the project folder (one thread) sent `signum` once a line of its stderr contains
+    `after` (or, a function, once after() is true, asked every 0.1 s): to its whole process group, as
+    Ctrl-C in a terminal does (its DataLoader workers too), or to the process alone (kill PID); and
+    then then(), if given. Returns
+    (exit status, stderr lines, the command its last line says continues the work, as an argument list
+    for subprocess)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, *args], cwd=HERE, env=e, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    try:
+        if callable(after):
+            while not after() and p.poll() is None:
+                time.sleep(0.1)
+            (os.killpg if group else os.kill)(p.pid, signum)
+        for line in [] if callable(after) else p.stderr:
+            lines.append(line)
+            if after in line:
+                (os.killpg if group else os.kill)(p.pid, signum)
+                break
+        if then:
+            then()
+        lines += p.stderr.readlines()
+        rc = p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    command = shlex.split(lines[-1].rpartition("continue with: ")[2]) if lines else []
+    if command[:1] == ["python"]:
+        command[0] = sys.executable
+    return rc, lines, command
+
+
+class Pipe:
+    """A named pipe in place of an input file, to hold a run at a known point: waiting() is true once the
+    run has opened it (a writer opened then, the run waits in read()); feed() gives it the file's bytes."""
+
+    def __init__(self, path):
+        self.path, self.fd = str(path), None
+        os.mkfifo(self.path)
+
+    def waiting(self):
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)  # fails until the reader is there
+            return True
+        except OSError:
+            return False
+
+    def feed(self, payload=b""):
+        os.set_blocking(self.fd, True)
+        os.write(self.fd, payload)
+        os.close(self.fd)
 
 
 class Oracle(torch.nn.Module):

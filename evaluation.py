@@ -12,6 +12,7 @@ import re
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 import coco
@@ -241,58 +242,105 @@ def validate(net, val_json, val_images, device, settings, max_images=None, **kw)
     return {k: float("nan") if r.get(k) is None else float(r[k]) for k in VALIDATE_KEYS}
 
 
-def write_overlays(labeled, image_dir, vis_dir, n, pages=None):
-    """PNGs of masks over their images: box rectangle, mask outline and translucent fill. pages:
-    [(file name, image_id, [ann, ...])], of which the first n whose image loads are drawn; default
-    one page per image with masks, in image id order, named IMAGE_ID.png."""
-    from PIL import Image, ImageDraw
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)])
+TINT = 0.15  # how much of its colour a mask's pixels take: light, so that the image under it stays readable
+
+
+def outline(m):
+    """The mask pixels with a 4-neighbour outside the mask (the array's edge counts as outside)."""
+    inner = np.pad(m, 1)
+    inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    return m & ~inner
+
+
+def _mask_of(a, shape):
+    """A's mask as np.bool_ at the image's shape, or None (no mask, or another size)."""
+    if "segmentation" not in a:
+        return None
+    m = mask_utils.decode(coco.to_bytes(a["segmentation"])).astype(bool)
+    return m if m.shape == shape else None
+
+
+def _load(image_dir, image):
+    try:
+        return np.asarray(data.load_rgb(os.path.join(image_dir, image["file_name"])))  # RGB [H, W, 3]
+    except data.ImageError:
+        return None
+
+
+def _save_png(path, pixels):
+    with util.atomic_file(path, "wb") as f:
+        Image.fromarray(pixels).save(f, format="PNG")
+
+
+def write_overlays(labeled, image_dir, vis_dir, n):
+    """PNGs of masks over their images, one per image with masks (the first n whose image loads, in image
+    id order, named IMAGE_ID.png): each mask's outline in its colour over the image as it is, its
+    pixels lightly tinted, and its box's rectangle. A mask that covers what it should not, or misses
+    what it should cover, shows on the image's own pixels."""
     os.makedirs(vis_dir, exist_ok=True)
-    if pages is None:
-        by_img = collections.defaultdict(list)
-        for a in labeled["annotations"]:
-            by_img[a["image_id"]].append(a)
-        pages = [(f"{iid}.png", iid, anns) for iid, anns in sorted(by_img.items())
-                 if any("segmentation" in a for a in anns)]
+    by_img = collections.defaultdict(list)
+    for a in labeled["annotations"]:
+        by_img[a["image_id"]].append(a)
     images = {im["id"]: im for im in labeled["images"]}
-    palette = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)])
     written = []
-    for name, iid, anns in pages:
+    for iid, anns in sorted(by_img.items()):
         if len(written) >= n:
             break
-        try:
-            # RGB [H, W, 3]
-            img = np.asarray(data.load_rgb(os.path.join(image_dir, images[iid]["file_name"])))
-        except data.ImageError:
+        img = _load(image_dir, images[iid]) if any("segmentation" in a for a in anns) else None
+        if img is None:
             continue
         canvas = img.astype(np.float32)
-        for k, a in enumerate(anns):
-            if "segmentation" not in a:
-                continue
-            m = mask_utils.decode(coco.to_bytes(a["segmentation"])).astype(bool)
-            if m.shape != canvas.shape[:2]:
-                continue
-            c = palette[k % len(palette)]
-            canvas[m] = 0.55 * canvas[m] + 0.45 * c
-            inner = m.copy()  # outline: mask pixels with a 4-neighbour outside the mask
-            inner[1:] &= m[:-1]
-            inner[:-1] &= m[1:]
-            inner[:, 1:] &= m[:, :-1]
-            inner[:, :-1] &= m[:, 1:]
-            canvas[m & ~inner] = c
-        pil = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+        masks = [(k, _mask_of(a, img.shape[:2])) for k, a in enumerate(anns)]
+        for k, m in masks:
+            if m is not None:
+                canvas[m] = (1 - TINT) * canvas[m] + TINT * PALETTE[k % len(PALETTE)]
+        for k, m in masks:  # outlines after every tint: an overlapping mask does not dim another's
+            if m is not None:
+                canvas[outline(m)] = PALETTE[k % len(PALETTE)]
+        pil = Image.fromarray(canvas.round().astype(np.uint8))
         draw = ImageDraw.Draw(pil)
         for k, a in enumerate(anns):
             x0, y0, x1, y1 = (coco.xywh_to_xyxy(a["bbox"]) if coco.box_problem(a, images[iid]) is None
                               else (0, 0, 0, 0))
             if x1 > x0:
-                draw.rectangle([x0, y0, x1 - 1, y1 - 1],
-                               outline=tuple(int(v) for v in palette[k % len(palette)]))
-        path = os.path.join(vis_dir, name)
-        with util.atomic_file(path, "wb") as f:
-            pil.save(f, format="PNG")
-        written.append(path)
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(map(int, PALETTE[k % len(PALETTE)])))
+        written.append(os.path.join(vis_dir, f"{iid}.png"))
+        _save_png(written[-1], np.asarray(pil))
     return written
+
+
+def review_sheet(img, a, image, min_height=192, gap=4):
+    """The three panels a person checks a mask with, side by side: the crop of the image around its box
+    (a quarter of the box's size added on each side), as it is; the mask (white) on that crop; the
+    mask's outline (red) and the box (yellow) over the crop. Enlarged by whole pixels to at least
+    min_height. None where the annotation has no mask of the image's size or no usable box."""
+    m = _mask_of(a, img.shape[:2])
+    if m is None or coco.box_problem(a, image) is not None:
+        return None
+    x0, y0, x1, y1 = coco.xywh_to_xyxy(a["bbox"])
+    pad = max(2.0, 0.25 * max(x1 - x0, y1 - y0))
+    H, W = m.shape
+    cx0, cy0 = max(0, math.floor(x0 - pad)), max(0, math.floor(y0 - pad))
+    cx1, cy1 = min(W, math.ceil(x1 + pad)), min(H, math.ceil(y1 + pad))
+    crop, mk = img[cy0:cy1, cx0:cx1], m[cy0:cy1, cx0:cx1]
+    s = max(1, math.ceil(min_height / max(1, crop.shape[0])))
+
+    def big(p):
+        return np.repeat(np.repeat(p, s, 0), s, 1)
+
+    h, w = crop.shape[0] * s, crop.shape[1] * s
+    sheet = np.full((h, 3 * w + 2 * gap, 3), 128, np.uint8)
+    for i, p in enumerate((crop, np.repeat(mk[..., None] * np.uint8(255), 3, 2), crop)):
+        sheet[:, i * (w + gap):i * (w + gap) + w] = big(p)
+    pil = Image.fromarray(sheet)
+    bx0, by0 = 2 * (w + gap) + (x0 - cx0) * s, (y0 - cy0) * s
+    ImageDraw.Draw(pil).rectangle([bx0, by0, bx0 + (x1 - x0) * s - 1, by0 + (y1 - y0) * s - 1],
+                                  outline=(255, 225, 25))
+    sheet = np.array(pil)
+    sheet[:, 2 * (w + gap):][big(outline(mk))] = (255, 0, 0)  # over the box: the outline is what is checked
+    return sheet
 
 
 REVIEW_PNG = re.compile(r"\d+_score\d\.\d+_ann-?\d+\.png")
@@ -306,15 +354,26 @@ def review_list(labeled):
 
 
 def write_review(labeled, review, image_dir, review_dir, n):
-    """An overlay per mask (that mask and its box alone) for the first n entries of review_list,
-    named RANK_scoreS_annID.png so that a file browser lists them worst first. Earlier review
-    overlays in review_dir go first: their scores would interleave with these."""
+    """A review sheet (review_sheet: crop, mask, outline) for each of the first n entries of review_list
+    whose image loads, named RANK_scoreS_annID.png so that a file browser lists them worst first.
+    Earlier review sheets in review_dir go first: their scores would interleave with these."""
     if os.path.isdir(review_dir):
         for f in os.listdir(review_dir):
             if REVIEW_PNG.fullmatch(f):
                 os.remove(os.path.join(review_dir, f))
+    os.makedirs(review_dir, exist_ok=True)
     anns = {a["id"]: a for a in labeled["annotations"]}
+    images = {im["id"]: im for im in labeled["images"]}
     w = len(str(max(1, min(n, len(review)))))
-    pages = ((f"{k + 1:0{w}d}_score{r['mask_score']:.4f}_ann{r['id']}.png", r["image_id"], [anns[r["id"]]])
-             for k, r in enumerate(review))  # lazily: an image that fails to load passes its turn on
-    return write_overlays(labeled, image_dir, review_dir, n, pages)
+    written, loaded = [], (None, None)
+    for k, r in enumerate(review):
+        if len(written) >= n:
+            break
+        if loaded[0] != r["image_id"]:  # the review list is by score: consecutive masks rarely share an image
+            loaded = (r["image_id"], _load(image_dir, images[r["image_id"]]))
+        sheet = None if loaded[1] is None else review_sheet(loaded[1], anns[r["id"]], images[r["image_id"]])
+        if sheet is not None:  # else this mask passes its turn on
+            name = f"{k + 1:0{w}d}_score{r['mask_score']:.4f}_ann{r['id']}.png"
+            written.append(os.path.join(review_dir, name))
+            _save_png(written[-1], sheet)
+    return written

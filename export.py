@@ -10,10 +10,18 @@ polygons have its exact area, which is how pycocotools decodes them. YOLO-seg po
 the centres of the boundary pixels (j + 0.5, i + 0.5), which ultralytics' polygon2mask (cv2.fillPoly
 on coordinates truncated to integers, the outline included) draws back as the mask. OpenCV traces
 both; it is an optional extra, needed only for polygons.
+
+As a command it exports a labels file label.py has written, without labeling again: the same files as
+label.py's own --format, --vis and --review (which go through write_requested too).
+
+  python export.py labels.json --images DIR --format yolo --out yolo/    # or coco-polygons, png
+  python export.py labels.json --images DIR --vis 20 --review 50
 """
+import argparse
 import json
 import os
 import shutil
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import coco
+import evaluation
 import util
 
 FORMATS = ("coco-polygons", "yolo", "png")
@@ -352,3 +361,70 @@ def write(out, fmt, dest, image_dir=None):
     if fmt != "coco-polygons":
         os.makedirs(dest, exist_ok=True)
     return _WRITERS[fmt](out, os.fspath(dest), image_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# What label.py and export.py write from a labels dict, and the command
+
+
+def write_requested(out, review, labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis_dir=None,
+                    review_n=0, prog="export.py"):
+    """The files asked for beside the labels `out` (read from or written to labels_path): vis overlays
+    (in vis_dir, default LABELS.vis/), the review_n lowest-scored masks of `review`
+    (evaluation.review_list) in LABELS.review/, and fmt's files in dest (coco: none, the labels are
+    those). Each is said in a line on stderr, prefixed with prog."""
+    if vis:
+        vis_dir = vis_dir or util.side_file(labels_path, ".vis")
+        n = len(evaluation.write_overlays(out, image_dir, vis_dir, vis))
+        print(f"{prog}: {n} overlays in {vis_dir}", file=sys.stderr)
+    if review_n:
+        review_dir = util.side_file(labels_path, ".review")
+        n = len(evaluation.write_review(out, review, image_dir, review_dir, review_n))
+        print(f"{prog}: the {n} lowest-scored masks in {review_dir} (all {len(review)} by mask_score in "
+              f"{util.side_file(labels_path, '.review.json')})", file=sys.stderr)
+    if fmt != "coco":
+        counts = write(out, fmt, dest, image_dir=image_dir)
+        print(f"{prog}: --format {fmt} in {dest}: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+              file=sys.stderr)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Export a labels file that label.py wrote (COCO instances with RLE masks) without "
+                    "labeling again: --format's files, --vis overlays, --review's lowest-scored masks; the "
+                    "same files as label.py's own flags.", formatter_class=util.HelpFormatter)
+    p.add_argument("labels", help="label.py's output (its --out, or OUT/labels.json for yolo and png)")
+    p.add_argument("--images", required=True, help="the image folder the labels' file_name is relative to")
+    p.add_argument("--format", choices=["coco", *FORMATS], default="coco",
+                   help="coco-polygons: a COCO JSON with polygons (holes filled, counted); yolo: an "
+                        "ultralytics YOLO-seg dataset (images/, labels/, data.yaml); png: 16-bit "
+                        "instance-label images with instances.json; coco: none (the labels are those)")
+    p.add_argument("--out", help="where --format writes: a JSON file (coco-polygons) or a folder")
+    p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
+    p.add_argument("--vis-dir", help="overlay folder (default LABELS without .json + '.vis')")
+    p.add_argument("--review", type=int, default=0, metavar="N",
+                   help="write an overlay of each of the N lowest-scored masks (mask_score in the file name) "
+                        "to LABELS without .json + '.review/'")
+    args = p.parse_args(argv)
+    if args.format != "coco" and not args.out:
+        p.error(f"--format {args.format} needs --out")
+    if args.format == "coco" and not (args.vis or args.review):
+        p.error("nothing to write: give --format, --vis or --review")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        if not os.path.isdir(args.images):
+            raise util.InputError(f"--images {args.images}: no such image folder")
+        out = util.read_json(args.labels, "labels file", keys=("images", "annotations"))
+        needs(args.format)
+        write_requested(out, evaluation.review_list(out), args.labels, args.images, fmt=args.format,
+                        dest=args.out, vis=args.vis, vis_dir=args.vis_dir, review_n=args.review)
+    except util.InputError as e:
+        util.fail("export.py", e)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ instances JSON with an RLE mask per box, using a trained MAL checkpoint.
 
 Work is committed in chunks (a fixed block of sorted image ids each) under OUT.parts/, so a rerun of
 the same command after a crash or kill -9 skips what is done, with any world size, and the merged
-output is byte-identical to an uninterrupted run. No box is lost silently: one that cannot be labeled
+output is byte-identical to an uninterrupted run; Ctrl-C or SIGTERM also keeps the boxes of the chunk at
+hand whose batch has run. No box is lost silently: one that cannot be labeled
 keeps its box, gets no `segmentation`, and is listed with its reason in OUT's .report.json.
 
 Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object (predictor.mask_score);
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,9 +77,24 @@ def chunk_path(parts, k):
     return os.path.join(parts, f"chunk{k:06d}.json")
 
 
-def side_file(out, suffix):
-    """labels.json -> labels<suffix> (e.g. labels.report.json)."""
-    return (out[:-5] if out.endswith(".json") else out) + suffix
+def partial_path(parts, k):
+    """The boxes of chunk k that a stopped run finished: a rerun labels only the others."""
+    return os.path.join(parts, f"chunk{k:06d}.partial.json")
+
+
+def read_results(path):
+    """{ann_id: result} of a chunk file ({} where there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(a): r for a, r in json.load(f)["results"].items()}
+
+
+def write_results(path, k, results):
+    util.write_json(path, {"chunk": k, "results": {str(a): r for a, r in sorted(results.items())}})
+
+
+side_file = util.side_file  # labels.json -> labels<suffix>
 
 
 class Progress:
@@ -189,14 +206,26 @@ def get_args(argv):
 
 
 def demo_argv():
-    """The demo's command line; trains demo/run/last.pt first (python train.py) if it is absent."""
+    """The demo's command line; trains demo/run/last.pt first (python train.py) if it is absent, or
+    finishes it (--demo --resume) where a stopped run left it short of its last epoch."""
     d = synthetic.make_demo(recipes.DEMO_ROOT)
     ckpt = os.path.join(recipes.DEMO_DATA["out"], "last.pt")
-    if not os.path.exists(ckpt) and int(os.environ.get("RANK", "0")) == 0:
-        print(f"label.py: {ckpt} not found; training it with `python train.py`", file=sys.stderr)
-        subprocess.run([sys.executable, os.path.join(HERE, "train.py")], cwd=HERE, check=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ck = predictor.load_checkpoint(ckpt, mmap=True) if os.path.exists(ckpt) else None
+        flags = [] if ck is None else ["--demo", "--resume"] if ck["epoch"] < ck["args"]["epochs"] else None
+        if flags is not None:
+            print(f"label.py: {ckpt} {'not found' if ck is None else 'unfinished'}; training it with "
+                  f"`{' '.join(['python train.py', *flags])}`", file=sys.stderr)
+            # Ctrl-C reaches train.py too: it saves last.pt and says how to continue; this waits for it.
+            ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                status = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags]).returncode
+            finally:
+                signal.signal(signal.SIGINT, ignored)
+            if status:
+                sys.exit(status)
     return ["--ckpt", ckpt, "--json", d["val_json"], "--images", d["val_images"],
-            "--out", os.path.join(HERE, "demo", "labels.json"), "--vis", "8", "--review", "8", "--eval",
+            "--out", os.path.join(recipes.DEMO_HOME, "labels.json"), "--vis", "8", "--review", "8", "--eval",
             "--crf-refine"]
 
 
@@ -258,27 +287,34 @@ def open_parts(args, d, n_chunks):
     return parts, done
 
 
-def label_chunks(args, d, settings, boxes, chunks, mine, parts):
-    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done."""
+def label_chunks(args, d, settings, boxes, chunks, mine, parts, stop):
+    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done. On SIGINT or
+    SIGTERM (stop), the boxes done in the chunk at hand go to its .partial.json, all but less than a
+    batch, and a rerun labels only the rest."""
     nets = predictor.build_nets(predictor.load_checkpoint(args.ckpt), settings.net, d.device, args.ckpt)
-    order = [iid for k in mine for iid in chunks[k]]
-    groups = [k for k in mine for _ in chunks[k]]
-    prog = Progress(len(order), sum(len(boxes.todo[i]) for i in order),
+    kept = {k: read_results(partial_path(parts, k)) for k in mine}
+    todo = {i: [a for a in boxes.todo[i] if a["id"] not in kept[k]] for k in mine for i in chunks[k]}
+    order = [i for k in mine for i in chunks[k] if todo[i]]
+    groups = [k for k in mine for i in chunks[k] if todo[i]]
+    prog = Progress(len(order), sum(len(todo[i]) for i in order),
                     "label" if d.world == 1 else f"label[rank {d.rank}]", quiet=args.quiet)
     stream = predictor.LabelStream(nets, settings, d.device, batch_size=args.batch_size, threads=args.threads,
                                    progress=prog)
-    stop_after = int(os.environ.get("MAL_LABEL_STOP_AFTER", "0"))  # test hook: simulate a kill
-    for n_written, (k, res) in enumerate(stream.run([boxes.images[i] for i in order],
-                                                    {i: boxes.todo[i] for i in order}, args.images,
-                                                    groups=groups, workers=args.workers), 1):
-        util.write_json(chunk_path(parts, k),
-                        {"chunk": k, "results": {str(a): r for a, r in sorted(res.items())}})
-        if stop_after and n_written >= stop_after:
-            print(f"label.py: MAL_LABEL_STOP_AFTER={stop_after}: exiting hard", file=sys.stderr, flush=True)
-            os._exit(75)
+    for k in sorted(set(mine) - set(groups)):  # a stopped run had finished all its boxes
+        write_results(chunk_path(parts, k), k, kept[k])
+    written = 0
+    stop.looping, stop.rank = True, d.rank
+    for k, res in stream.run([boxes.images[i] for i in order], {i: todo[i] for i in order}, args.images,
+                             groups=groups, workers=args.workers, stop=lambda: stop.signum):
+        write_results(partial_path(parts, k) if k == stream.partial else chunk_path(parts, k), k,
+                      {**kept[k], **res})
+        written += len(res)
+        if k != stream.partial and os.path.exists(partial_path(parts, k)):
+            os.remove(partial_path(parts, k))
+    stop.looping = False
     prog.update(force=True)
-
-
+    if stop.signum:
+        stop.exit(stop.signum, f"{written} more boxes labeled, kept in {parts}")
 def merge_chunks(boxes, n_chunks, parts):
     """{ann_id: result} of every annotation: the chunks' and the boxes that could not be labeled."""
     results = {}
@@ -325,7 +361,7 @@ def write_outputs(args, boxes, results):
 
 
 def write_extras(args, d, boxes, out, review):
-    """--eval, --vis and --review."""
+    """--eval, then --vis, --review and --format (export.write_requested, as export.py)."""
     if args.eval:
         if boxes.gt is None:
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
@@ -339,15 +375,8 @@ def write_extras(args, d, boxes, out, review):
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
                   f"(lower: FG and BG apart)", flush=True)  # before the summary line, which ends the output
-    if args.vis:
-        vis_dir = args.vis_dir or side_file(args.out, ".vis")
-        n = len(evaluation.write_overlays(out, args.images, vis_dir, args.vis))
-        print(f"label.py: {n} overlays in {vis_dir}", file=sys.stderr)
-    if args.review:
-        review_dir = side_file(args.out, ".review")
-        n = len(evaluation.write_review(out, review, args.images, review_dir, args.review))
-        print(f"label.py: the {n} lowest-scored masks in {review_dir} (all {len(review)} by mask_score in "
-              f"{side_file(args.out, '.review.json')})", file=sys.stderr)
+    export.write_requested(out, review, args.out, args.images, fmt=args.format, dest=args.export_to,
+                           vis=args.vis, vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
 
 
 def summary_line(args, report, t0):
@@ -364,7 +393,7 @@ def summary_line(args, report, t0):
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
 
 
-def run(args, d, settings, t0):
+def run(args, d, settings, t0, stop):
     """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0)."""
     boxes = coco.load_boxes(args.json, args.images_json, args.score_thr)
     ids = sorted(boxes.todo)
@@ -372,7 +401,7 @@ def run(args, d, settings, t0):
     parts, done = open_parts(args, d, len(chunks))
     mine = [k for k in range(len(chunks)) if k not in done][d.rank::d.world]
     if mine:
-        label_chunks(args, d, settings, boxes, chunks, mine, parts)
+        label_chunks(args, d, settings, boxes, chunks, mine, parts, stop)
     util.barrier(d)
     if d.rank != 0:
         return 0
@@ -381,10 +410,6 @@ def run(args, d, settings, t0):
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     write_extras(args, d, boxes, out, review)
-    if args.format != "coco":
-        counts = export.write(out, args.format, args.export_to, image_dir=args.images)
-        print(f"label.py: --format {args.format} in {args.export_to}: "
-              + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
     print(summary_line(args, report, t0), file=sys.stderr, flush=True)
     return report["summary"]["unlabeled"]
 
@@ -394,16 +419,23 @@ def main(argv=None):
     args = get_args(argv if argv else demo_argv())
     t0 = time.time()
     d = None
-    try:
-        check_inputs(args)
-        settings = resolve_settings(args)
-        d = util.setup_distributed(args.device, args.dist_timeout)
-        n_unlabeled = run(args, d, settings, t0)
-    except util.InputError as e:
-        util.fail("label.py", e)
-    finally:
-        if d is not None:
-            util.shutdown(d)
+    parts = args.out + ".parts"
+
+    def said():  # for a SIGINT or SIGTERM: what is kept, and the command that continues (--fresh would not)
+        return ((f"the chunks done so far in {parts}" if os.path.isdir(parts) else "nothing labeled"),
+                util.command_line(argv, drop=("--fresh",)))
+
+    with util.Stop("label.py", said) as stop:
+        try:
+            check_inputs(args)
+            settings = resolve_settings(args)
+            d = util.setup_distributed(args.device, args.dist_timeout)
+            n_unlabeled = run(args, d, settings, t0, stop)
+        except util.InputError as e:
+            util.fail("label.py", e)
+        finally:
+            if d is not None:
+                util.shutdown(d)
     if args.strict and n_unlabeled:
         sys.exit(3)
 

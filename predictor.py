@@ -131,7 +131,9 @@ class LabelStream:
     group of images completes; groups: a key per image (default: one group), the images of a group
     consecutive. Crop batches never span groups, so a group's masks do not depend on which rank or
     run labels it. The forward passes run here; pasting and RLE-encoding run on `threads` threads
-    while the next batches are predicted."""
+    while the next batches are predicted. stop: a function asked after each image; when it is true,
+    run() yields what is done (the open group's boxes whose batch has run: all but less than a batch,
+    its key then in self.partial) and ends."""
 
     def __init__(self, nets, settings, device, *, size=None, batch_size=32, threads=4, progress=None):
         self.nets = nets if isinstance(nets, (list, tuple)) else [nets]
@@ -139,8 +141,9 @@ class LabelStream:
         self.size, self.batch_size, self.threads, self.progress = (size or input_size(self.nets), batch_size,
                                                                    threads, progress)
 
-    def run(self, images, todo, image_dir, groups=None, workers=0):
+    def run(self, images, todo, image_dir, groups=None, workers=0, stop=None):
         groups = groups if groups is not None else [0] * len(images)
+        self.partial = None
         boxes = {iid: [(a["id"], a["bbox"]) for a in anns] for iid, anns in todo.items()}
         ds = data.ImageBoxes(images, boxes, image_dir, self.size, t=self.settings.expand)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
@@ -159,6 +162,11 @@ class LabelStream:
                     group = _Group(groups[i], {}, [])
                 self._add_image(images[i], item, todo, group)
                 yield from self._ready(block=False)
+                if stop is not None and stop():
+                    self._buf.clear()  # crops not yet in a batch: less than one
+                    self._finished.append(group)
+                    self.partial, group = group.key, None
+                    break
             if group is not None:
                 self._close(group)
             yield from self._ready(block=True)

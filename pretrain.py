@@ -40,7 +40,6 @@ import recipes
 import synthetic
 import util
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
@@ -49,7 +48,7 @@ DEMO = dict(json=recipes.DEMO_DATA["train_json"], images=recipes.DEMO_DATA["imag
             min_area=recipes.DEMO["min_area"], arch=recipes.DEMO["arch"], depth=recipes.DEMO["depth"],
             patch_size=recipes.DEMO["patch_size"], img_size=recipes.DEMO["img_size"], decoder_dim=128,
             decoder_depth=1, decoder_heads=4, batch_size=32, epochs=8, lr_per_image=1e-4, warmup_steps=30,
-            out=os.path.join(HERE, "demo", "pretrain"), workers=1, vis=8)
+            out=os.path.join(recipes.DEMO_HOME, "pretrain"), workers=1, vis=8)
 
 # ----------------------------------------------------------------------------------------------
 # The model: mal's ViT encoder plus MAE's decoder.
@@ -373,7 +372,8 @@ A killed run continues with the same command plus --resume.""")
     a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
     a("--min-area", type=float, default=data.RECIPE_MIN_AREA,
       help="box views: skip boxes smaller than this many px²")
-    a("--arch", default="vit_base", choices=ARCHS, help="ViT image encoder")
+    a("--arch", default="vit_base", choices=ARCHS, metavar="ARCH",
+      help=f"ViT image encoder: {', '.join(ARCHS)}")
     a("--depth", type=int, default=None, help="override the encoder's number of blocks")
     a("--patch-size", type=int, default=16, help="ViT patch size")
     a("--img-size", type=int, default=224,
@@ -485,7 +485,14 @@ RESUME_KEYS = ("model_args", "world", "views", "batch_size", "accum", "epochs", 
 
 
 def main(argv=None):
+    """The command: pretrain() under SIGINT / SIGTERM handling (util.Stop: one line, last.pt kept)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
+    with util.run_stop("pretrain.py", argv, os.path.join(args.out, "last.pt")) as stop:
+        pretrain(args, stop)
+
+
+def pretrain(args, stop):
     try:
         d = util.setup_distributed(args.device)
         if args.demo and d.rank == 0:
@@ -535,7 +542,10 @@ def main(argv=None):
     sums, unreadable, reported = None, 0, set()  # this rank's skipped views, and the errors it has printed
     clock = util.SaveClock(step, args.save_minutes, args.save_every, d)
     state = lambda: (d, net, opt, mask_rng, model_args, step, epoch, args)  # noqa: E731  what save() writes
-    while step < stop_step:
+    signum = 0
+    util.dataloader_warning_once()
+    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
+    while step < stop_step and not signum:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -579,12 +589,16 @@ def main(argv=None):
                 t_log, t0, step0, sums = time.time(), time.time(), step, None
             if clock.due(step):
                 save(os.path.join(args.out, "last.pt"), *state())
-            if step >= stop_step:
+            signum = stop.requested()
+            if step >= stop_step or signum:
                 break
         del batches, loader
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
     save(os.path.join(args.out, "last.pt"), *state())
+    if signum:
+        util.shutdown(d)
+        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {step} of {stop_step}")
     unreadable = int(util.all_reduce(d, torch.tensor([unreadable], device=device)).item())
     log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
         + (f"; {unreadable} unreadable views skipped on {d.world} ranks" if unreadable else ""))

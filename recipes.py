@@ -11,13 +11,17 @@ import torch
 import util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Where the embedded demo lives: demo/ in the clone (an editable install included); an installed copy
+# (no pyproject.toml beside it, its folder site-packages) writes demo/ in the current folder instead.
+DEMO_HOME = os.path.join(HERE if os.path.isfile(os.path.join(HERE, "pyproject.toml")) else os.getcwd(),
+                         "demo")
 
 # The embedded demo: the synthetic set (synthetic.make_demo writes it here once) and its run folder.
-DEMO_ROOT = os.path.join(HERE, "demo", "data")
+DEMO_ROOT = os.path.join(DEMO_HOME, "data")
 DEMO_DATA = dict(train_json=os.path.join(DEMO_ROOT, "annotations", "instances_train.json"),
                  images=os.path.join(DEMO_ROOT, "train"),
                  val_json=os.path.join(DEMO_ROOT, "annotations", "instances_val.json"),
-                 val_images=os.path.join(DEMO_ROOT, "val"), out=os.path.join(HERE, "demo", "run"))
+                 val_images=os.path.join(DEMO_ROOT, "val"), out=os.path.join(DEMO_HOME, "run"))
 
 # The demo's recipe, train.py --demo: what it sets over train.py's defaults (the paper's recipe, for
 # ViT-B on GPUs). A 3-block vit_tiny/8 at 96 px with a 64-channel decoder, sized for a 2-core CPU

@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import coco
 import evaluation
-from conftest import rle_of
+from conftest import bbox, disc, rle_of
 
 
 def test_evaluate_matches_hand_computation():
@@ -99,3 +100,54 @@ def test_mask_ap_ranks_by_the_detector_score_else_mask_score():
     for a in labels["annotations"]:
         del a["score"], a["mask_score"]
     assert evaluation.evaluate(gt, labels)["ap_ranked_by"].startswith("none")
+
+
+def _ring_labeled(tmp_path):
+    """A 40 x 60 image of noise with a ring in it, labeled with a disc (the failure a filled tint hides)."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    m = disc(40, 60, 30, 20, 12)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    labeled = dict(images=[dict(id=1, file_name="a.png", width=60, height=40)], annotations=[
+        dict(id=7, image_id=1, category_id=1, bbox=bbox(m), iscrowd=0, area=int(m.sum()),
+             segmentation=rle_of(m), mask_score=0.5)])
+    return img, m, labeled
+
+
+def test_the_overlay_draws_the_outline_over_the_image_as_it_is(tmp_path):
+    img, m, labeled = _ring_labeled(tmp_path)
+    (path,) = evaluation.write_overlays(labeled, str(tmp_path), str(tmp_path / "vis"), 5)
+    out = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    edge = evaluation.outline(m)
+    x, y, w, h = (int(v) for v in labeled["annotations"][0]["bbox"])
+    box = np.zeros_like(m)
+    box[y:y + h, x:x + w] = True
+    box[y + 1:y + h - 1, x + 1:x + w - 1] = False  # the rectangle's own pixels
+    colour = evaluation.PALETTE[0]
+    assert (out[edge] == colour).all() and edge.sum() > 40
+    assert (out[~m & ~box] == img[~m & ~box]).all()  # untouched outside the mask
+    inside = m & ~edge & ~box
+    tinted = np.round((1 - evaluation.TINT) * img[inside].astype(np.float32)
+                      + evaluation.TINT * colour.astype(np.float32))
+    assert (out[inside] == tinted).all() and np.abs(out[inside] - img[inside]).max() <= 0.15 * 255 + 1
+
+
+def test_the_review_sheet_shows_crop_mask_and_outline_side_by_side(tmp_path):
+    img, m, labeled = _ring_labeled(tmp_path)
+    a = labeled["annotations"][0]
+    sheet = evaluation.review_sheet(img, a, labeled["images"][0], min_height=60, gap=4)
+    x0, y0, x1, y1 = coco.xywh_to_xyxy(a["bbox"])  # 18, 8, 42, 32: the crop adds 6 a side, clipped
+    cy0, cy1, cx0, cx1 = 2, 38, 12, 48
+    s = 2  # 36 rows enlarged to at least 60
+    w = (cx1 - cx0) * s
+    assert sheet.shape == ((cy1 - cy0) * s, 3 * w + 8, 3)
+    crop, mask, drawn = (sheet[:, i * (w + 4):i * (w + 4) + w][::s, ::s] for i in range(3))
+    assert (crop == img[cy0:cy1, cx0:cx1]).all()
+    assert (mask == m[cy0:cy1, cx0:cx1, None] * 255).all()
+    edge = evaluation.outline(m[cy0:cy1, cx0:cx1])
+    assert (drawn[edge] == (255, 0, 0)).all()
+    assert (drawn[~edge] == img[cy0:cy1, cx0:cx1][~edge]).sum(1).astype(bool).mean() > 0.8  # the box aside
+    (written,) = evaluation.write_review(labeled, evaluation.review_list(labeled), str(tmp_path),
+                                         str(tmp_path / "review"), 3)
+    # by default enlarged to at least 192 rows: 36 × 6
+    assert written.endswith("1_score0.5000_ann7.png") and Image.open(written).size == (3 * 36 * 6 + 8, 216)

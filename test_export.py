@@ -13,8 +13,9 @@ from pycocotools import mask as mask_utils
 
 import coco
 import export
+import label
 import util
-from conftest import bbox, disc
+from conftest import bbox, disc, label_argv
 
 H, W = 48, 64
 
@@ -308,3 +309,42 @@ def test_bad_input_is_one_line_naming_it(labeled, tmp_path):
         with pytest.raises(util.InputError, match=msg) as e:
             export.write({**out, **change}, fmt, tmp_path / "o", img_dir if change else None)
         assert "\n" not in str(e.value)
+
+
+def _tree(root):
+    """{relative path: bytes, or the target of a link} of every file under root."""
+    files = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            files[os.path.relpath(p, root)] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["png", "coco-polygons", "yolo"])
+def test_the_command_writes_label_pys_files_byte_for_byte(world, tmp_path, fmt):
+    """export.py on label.py's labels file writes the same --format, --vis and --review files as label.py
+    itself, byte for byte (the format's files into the same place: data.yaml holds its folder)."""
+    if fmt != "png":
+        pytest.importorskip("cv2", reason=f"--format {fmt} needs OpenCV (opencv-python-headless)")
+    dest = tmp_path / ("out.json" if fmt == "coco-polygons" else "out")
+    labels = tmp_path / "out.rle.json" if fmt == "coco-polygons" else dest / "labels.json"
+    label.main(label_argv(world, dest, "--format", fmt, "--vis", "3", "--review", "4"))
+    made_by_label = _tree(tmp_path)
+    exported = [p for p in made_by_label if not os.path.basename(p).startswith(("out.rle", "labels."))]
+    assert any(p.endswith(".png") and ".vis" in p for p in exported)
+    assert any(".review" in p for p in exported) and any(p.startswith("out") for p in exported)
+    for p in exported:
+        os.remove(tmp_path / p)
+    export.main([str(labels), "--images", str(world / "img"), "--format", fmt, "--out", str(dest),
+                 "--vis", "3", "--review", "4"])
+    assert _tree(tmp_path) == made_by_label
+
+
+def test_the_command_says_what_is_wrong_in_one_line(world, tmp_path):
+    with pytest.raises(SystemExit, match="^export.py: labels file .*nope.json: no such file"):
+        export.main([str(tmp_path / "nope.json"), "--images", str(world / "img"), "--vis", "1"])
+    with pytest.raises(SystemExit, match="^export.py: --images .*nowhere: no such image folder"):
+        export.main([str(world / "boxes.json"), "--images", str(tmp_path / "nowhere"), "--vis", "1"])
+    with pytest.raises(SystemExit):  # nothing asked for: an argparse error (status 2)
+        export.main([str(world / "boxes.json"), "--images", str(world / "img")])

@@ -1,6 +1,8 @@
 """label.py: the command: COCO output, faults, resume after a kill, ranks, settings, results lists."""
 import json
 import os
+import shlex
+import subprocess
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from pycocotools.coco import COCO
 import coco
 import label
 import recipes
-from conftest import label_argv, run_py
+import synthetic
+from conftest import HERE, Pipe, interrupt, label_argv, run_py
 
 
 def test_cli_writes_valid_coco_and_reports_every_unlabeled_box(world, tmp_path):
@@ -71,20 +74,38 @@ def test_cli_scores_every_mask_and_writes_the_review(world, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_is_byte_identical_and_refuses_other_configs(world, tmp_path):
+def test_ctrl_c_keeps_the_boxes_done_and_the_rerun_is_byte_identical(world, tmp_path):
+    """Ctrl-C (SIGINT to the process group) in a set that is one chunk: the boxes whose batch has run
+    are kept in OUT.parts/ (all but less than a batch), one line says so and gives the command, exit
+    status 130; that command labels the rest and writes the same bytes as an uninterrupted run. Parts
+    of another configuration are refused."""
     ref, out = tmp_path / "ref.json", tmp_path / "out.json"
-    r = run_py(["label.py", *label_argv(world, ref)])
+    r = run_py(["label.py", *label_argv(world, ref, "--chunk-images", "100")])
     assert r.returncode == 0, r.stderr
-    r = run_py(["label.py", *label_argv(world, out)], env={"MAL_LABEL_STOP_AFTER": "2"})  # dies like kill -9
-    assert r.returncode == 75 and not out.exists()
-    chunks = sorted(f for f in os.listdir(f"{out}.parts") if f.startswith("chunk"))
-    assert len(chunks) == 2
-    results = json.loads(open(f"{out}.parts/{chunks[0]}").read())["results"]
-    assert all("mask_score" in r for r in results.values() if "segmentation" in r)  # resumed with its score
+    (tmp_path / "img").mkdir()
+    for f in os.listdir(world / "img"):
+        if f != "5.png":
+            os.symlink(world / "img" / f, tmp_path / "img" / f)
+    pipe = Pipe(tmp_path / "img" / "5.png")  # holds the run at image 5 (of 9)
+    argv = label_argv(world, out, "--chunk-images", "100")
+    argv[argv.index("--images") + 1] = str(tmp_path / "img")
+    rc, lines, command = interrupt(["label.py", *argv], pipe.waiting,
+                                   then=lambda: pipe.feed((world / "img" / "5.png").read_bytes()))
+    assert rc == 130 and lines[-1] == (
+        f"label.py: stopped by SIGINT: 8 more boxes labeled, kept in {out}.parts; "
+        f"continue with: {shlex.join(['python', 'label.py', *argv])}\n"), "".join(lines)
+    assert not any("Traceback" in line for line in lines) and not out.exists()
+    assert sorted(os.listdir(f"{out}.parts")) == ["chunk000000.partial.json", "fingerprint.json"]
+    kept = json.loads(open(f"{out}.parts/chunk000000.partial.json").read())["results"]
+    # images 1-5 hold 10 boxes: 8 in the two batches of 4 that ran, 2 waiting for a batch are redone
+    assert len(kept) == 8 and all("mask_score" in r for r in kept.values())
     with pytest.raises(SystemExit, match="another configuration.*thr.*--fresh"):
-        label.main(label_argv(world, out, "--thr", "0.3"))
-    label.main(label_argv(world, out, "--batch-size", "3"))  # resumes (batching is not part of the config)
-    assert out.read_bytes() == ref.read_bytes()
+        label.main([*argv, "--thr", "0.3"])
+    os.remove(tmp_path / "img" / "5.png")
+    os.symlink(world / "img" / "5.png", tmp_path / "img" / "5.png")
+    r = subprocess.run([*command, "--batch-size", "3"], cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))  # batching is not part of the config
+    assert r.returncode == 0 and out.read_bytes() == ref.read_bytes(), r.stderr
     label.main(label_argv(world, out, "--keep-parts", "--fresh"))
     assert out.read_bytes() == ref.read_bytes() and os.path.exists(f"{out}.parts/fingerprint.json")
     # Parts made on another device (cuda bf16 vs cpu float32) are not mixed in either.
@@ -269,3 +290,25 @@ def test_formats_write_what_their_clients_read(world, tmp_path, capsys):
                               # indices 1..n)
         item = ds[i]
         assert len(item["cls"]) == len(ds.labels[i]["segments"]) == int(item["masks"].max())
+
+
+def test_the_demo_trains_its_checkpoint_or_finishes_a_stopped_one_first(tmp_path, monkeypatch, capsys):
+    """python label.py with no arguments: no demo/run/last.pt, train.py trains it; one that a stopped run
+    left short of its epochs, train.py --demo --resume finishes it; a finished one is used as it is.
+    train.py's exit status (130 after Ctrl-C) is label.py's."""
+    monkeypatch.setattr(synthetic, "make_demo", lambda root: dict(val_json="v.json", val_images="val"))
+    monkeypatch.setitem(recipes.DEMO_DATA, "out", str(tmp_path))
+    calls, status = [], [0]
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd[2:]) or
+                        subprocess.CompletedProcess(cmd, status[0]))
+    label.demo_argv()
+    for epoch in (3, 10):
+        torch.save(dict(model_args={}, task={}, epoch=epoch, args={"epochs": 10}), tmp_path / "last.pt")
+        label.demo_argv()
+    assert calls == [[], ["--demo", "--resume"]]
+    assert "last.pt unfinished; training it with `python train.py --demo --resume`" in capsys.readouterr().err
+    torch.save(dict(model_args={}, task={}, epoch=3, args={"epochs": 10}), tmp_path / "last.pt")
+    status[0] = 130
+    with pytest.raises(SystemExit) as e:
+        label.demo_argv()
+    assert e.value.code == 130

@@ -3,6 +3,9 @@ torchrun."""
 import json
 import math
 import os
+import shlex
+import signal
+import subprocess
 import warnings
 
 import numpy as np
@@ -13,7 +16,7 @@ from PIL import Image
 import mal
 import pretrain
 import train
-from conftest import ann, run_py, tiny_argv, write_coco
+from conftest import HERE, ann, interrupt, run_py, tiny_argv, write_coco
 
 TINY_MAE = dict(arch="vit_tiny", patch_size=8, img_size=32, depth=1, decoder_dim=32, decoder_depth=1,
                 decoder_heads=4)
@@ -259,3 +262,27 @@ def test_pretrain_torchrun_two_cpu_ranks(tiny_set, tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["world"] == 2
     assert not torch.equal(ckpt["rng"][0]["mask"], ckpt["rng"][1]["mask"])  # each rank masks its own views
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_pt_in_one_line_and_the_resume_is_exact(tiny_set, tmp_path):
+    """kill PID (SIGTERM) ends the run after its step with last.pt written, one line with the command
+    that continues, exit status 143; that command then continues exactly."""
+    common = ("--epochs", "500", "--seed", "7")
+    argv = pretrain_boxes(tiny_set, tmp_path / "stopped", *common)
+    rc, lines, command = interrupt(["pretrain.py", *argv], " step 3/", signum=signal.SIGTERM, group=False)
+    assert rc == 143 and not any("Traceback" in line for line in lines), "".join(lines[-20:])
+    step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["step"]
+    total = json.loads(open(tmp_path / "stopped" / "log.jsonl").readline())["total"]
+    assert step >= 3 and lines[-1] == (
+        f"pretrain.py: stopped by SIGTERM: {tmp_path / 'stopped' / 'last.pt'} at step {step} of {total}; "
+        f"continue with: {shlex.join(['python', 'pretrain.py', *argv])} --resume\n")
+    r = subprocess.run([*command, "--max-steps", str(step + 2)], cwd=HERE, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = pretrain_boxes(tiny_set, tmp_path / "straight", *common, "--max-steps", str(step + 2))
+    assert run_py(["pretrain.py", *straight]).returncode == 0
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "stopped"))
+    assert a["step"] == b["step"] == step + 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

@@ -4,7 +4,10 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
+import subprocess
 import time
 import urllib.error
 
@@ -18,7 +21,7 @@ import pretrain
 import recipes
 import train
 import util
-from conftest import dinov2_authors_layout, run_py, save, tiny_argv
+from conftest import HERE, Pipe, dinov2_authors_layout, interrupt, run_py, save, tiny_argv
 
 
 def test_train_dinov2_reg4_from_authors_file_then_label(tiny_set, tmp_path, capsys):
@@ -309,3 +312,76 @@ def test_bad_inputs_stop_the_run_before_its_first_step(tiny_set, tmp_path):
             train.main(tiny_argv(tiny_set, out, *extra))
         assert "\n" not in str(e.value.code) and "weights_only" not in str(e.value.code)
         assert not os.path.exists(out / "log.jsonl") and not os.path.exists(out / "last.pt")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_pt_in_one_line_and_the_resume_is_exact(tiny_set, tmp_path):
+    """Ctrl-C (SIGINT to the process group, DataLoader worker included) ends the run after its step with
+    last.pt written, one line that says so and how to continue, exit status 130; that command then
+    continues exactly: its weights equal an uninterrupted run's to the same step."""
+    common = ("--epochs", "300", "--seed", "7", "--workers", "1")
+    rc, lines, command = interrupt(["train.py", *tiny_argv(tiny_set, tmp_path / "stopped", *common)],
+                                   after=" step 3/")
+    assert rc == 130 and not any("Traceback" in line for line in lines), "".join(lines[-20:])
+    step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["step"]
+    total = json.loads(open(tmp_path / "stopped" / "log.jsonl").readline())["total"]
+    argv = tiny_argv(tiny_set, tmp_path / "stopped", *common)
+    assert lines[-1] == (f"train.py: stopped by SIGINT: {tmp_path / 'stopped' / 'last.pt'} at step {step} of "
+                         f"{total}; continue with: {shlex.join(['python', 'train.py', *argv])} --resume\n")
+    assert step >= 3 and not lines[-2].startswith("train.py: stopped")  # the one line
+    r = subprocess.run([*command, "--max-steps", str(step + 2)], cwd=HERE, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = tiny_argv(tiny_set, tmp_path / "straight", *common, "--max-steps", str(step + 2))
+    r = run_py(["train.py", *straight])
+    assert r.returncode == 0, r.stderr[-2000:]  # a subprocess too: one thread, the same float sums
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "stopped"))
+    assert a["step"] == b["step"] == step + 2
+    for part in ("task", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_says_nothing_was_saved(tiny_set, tmp_path):
+    """SIGTERM while the run sets up (here: reading --train-json, a pipe that stays empty): one line, the
+    same command to rerun, exit status 143."""
+    pipe = Pipe(tmp_path / "boxes.json")
+    argv = tiny_argv(tiny_set, tmp_path / "early", "--epochs", "300")
+    argv[argv.index("--train-json") + 1] = pipe.path
+    rc, lines, _ = interrupt(["train.py", *argv], pipe.waiting, signal.SIGTERM, group=False, then=pipe.feed)
+    assert rc == 143 and lines == [f"train.py: stopped by SIGTERM: nothing saved; continue with: "
+                                   f"{shlex.join(['python', 'train.py', *argv])}\n"], "".join(lines[-20:])
+
+
+def test_a_cpu_run_without_demo_says_what_it_costs_and_warns_of_long_ramps_once(tiny_set, tmp_path, capsys):
+    argv = tiny_argv(tiny_set, tmp_path, "--max-steps", "2", "--warmup-steps", "5", "--crf-ramp", "9")
+    train.main(argv)
+    err = capsys.readouterr().err
+    ramps = "train.py: warning: --warmup-steps 5 and --crf-ramp 9 steps, longer than the run's 2: "
+    assert err.count(ramps) == 1
+    guard = [line for line in err.splitlines() if line.startswith("train.py: warning: no GPU and no --demo")]
+    assert len(guard) == 1 and "2 steps of 4 crops of vit_tiny/8 at 32px take about " in guard[0]
+    assert guard[0].endswith(" ".join(argv) + " --demo")
+    assert err.index(guard[0]) < err.index("epoch 0 step 1/")  # before the first step
+    train.main([*argv, "--demo", "--out", str(tmp_path / "demo")])
+    assert "no GPU" not in capsys.readouterr().err
+
+
+def test_the_duration_reads_at_a_glance():
+    assert [util.duration(s) for s in (45, 720, 27000)] == ["45 s", "12 min", "7.5 h"]
+
+
+def test_a_truncated_resume_checkpoint_is_named_once(tiny_set, tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:2000])
+    with pytest.raises(SystemExit, match=r"^train.py: --resume checkpoint .*cut.pt: truncated: 2,000 bytes"):
+        train.main(tiny_argv(tiny_set, tmp_path, "--resume", str(tmp_path / "cut.pt")))
+
+
+def test_the_usage_block_names_the_architectures_once(capsys):
+    for mod in (train, pretrain):
+        with pytest.raises(SystemExit):
+            mod.get_args(["--help"])
+        out = capsys.readouterr().out
+        assert out.count("vit_large,") == 1 and "[--arch ARCH]" in out, mod.__name__

@@ -5,10 +5,11 @@
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
 One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
-The run folder holds last.pt (the whole state, written at each epoch's end and about every
---save-minutes; --resume continues it exactly), best.pt (the same at the end of the epoch with the
-best validation mIoU, when --val-json is given), epoch_N.pt only with --keep-epochs, log.jsonl (the
-progress numbers, with the loss weights as they ramp in) and val.jsonl (validation mIoU at each epoch end).
+The run folder holds last.pt (the whole state, written at each epoch's end, about every
+--save-minutes and on Ctrl-C or SIGTERM; --resume continues it exactly), best.pt (the same at the end
+of the epoch with the best validation mIoU, when --val-json is given), epoch_N.pt only with
+--keep-epochs, log.jsonl (the progress numbers, with the loss weights as they ramp in) and val.jsonl
+(validation mIoU at each epoch end).
 """
 import argparse
 import contextlib
@@ -49,7 +50,8 @@ def _flags(p):
       help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
     g("--workers", type=int, default=4, help="DataLoader worker processes per process")
     g = p.add_argument_group("model").add_argument
-    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), help="ViT image encoder")
+    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), metavar="ARCH",
+      help=f"ViT image encoder: {', '.join(mal.VIT_CONFIGS)}")
     g("--depth", type=int, default=None, help="override the encoder's number of blocks")
     g("--patch-size", type=int, default=16,
       help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
@@ -349,8 +351,63 @@ def check_teacher(d, teacher):
         raise RuntimeError("the EMA teacher differs between ranks")
 
 
+def loss_options(args):
+    """mal.mal_loss's keyword arguments from the flags (Eq. 1-5, the ramps, the flood)."""
+    return dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
+                crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
+                omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
+                flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
+                                args.flood_size, args.flood_open) if args.flood else None)
+
+
+def seconds_per_crop(net, teacher, size, device):
+    """One crop through the task network, forward and backward, and the teacher, timed; the weights,
+    their gradients (none before the first step) and the random state are left as they were."""
+    rng = torch.get_rng_state()
+    x = torch.zeros(1, 3, size, size, device=device)
+    t0 = time.perf_counter()
+    net(x).float().mean().backward()
+    with torch.no_grad():
+        teacher(x)
+    net.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return time.perf_counter() - t0
+
+
+def announce(args, d, run, schedule, stop_step, global_batch, demo_command):
+    """What is about to run, before the first step (rank 0), and a warning for each of: a warm-up or
+    loss ramp longer than the run; a run on the CPU that is not --demo (what it is, its time from one
+    timed crop, the --demo command); torch's DataLoader worker warning (once, not once per line of its
+    code that checks)."""
+    log = util.rank0_log(d)
+    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: {schedule}"
+        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
+                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
+    util.dataloader_warning_once()
+    ramps = [("--warmup-steps", args.warmup_steps)]
+    ramps += [] if args.gt_masks else [("--mil-ramp", args.mil_ramp), ("--crf-ramp", args.crf_ramp)]
+    long = [f"{flag} {n}" for flag, n in ramps if n > stop_step]
+    if long:
+        log(f"train.py: warning: {' and '.join(long)} steps, longer than the run's {stop_step}: the learning "
+            f"rate or loss weight never reaches its full value")
+    if d.device.type == "cpu" and not args.demo and d.rank == 0:
+        secs = seconds_per_crop(run.net, run.teacher, args.img_size, d.device)
+        steps, crops = stop_step - run.step, global_batch // d.world  # a rank's crops a step
+        log(f"train.py: warning: no GPU and no --demo: {steps} steps of {global_batch} crops of "
+            f"{args.arch}/{args.patch_size} at {args.img_size}px take about "
+            f"{util.duration(secs * crops * steps)} on this CPU ({secs:.2f} s a crop, timed). "
+            f"The CPU recipe (about 3 min on 2 cores): {demo_command}")
+
+
 def main(argv=None):
+    """The command: train() under SIGINT / SIGTERM handling (util.Stop: one line, last.pt kept)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
+    with util.run_stop("train.py", argv, os.path.join(args.out, "last.pt")) as stop:
+        train(args, stop, util.command_line([*argv, "--demo"]))
+
+
+def train(args, stop, demo_command):
     try:
         d = util.setup_distributed(args.device)
         if args.demo_data and d.rank == 0:
@@ -386,24 +443,19 @@ def main(argv=None):
         torch.set_rng_state(ck["rng"][d.rank]["torch"])
         if d.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"][d.rank]["cuda"], d.device)
+    announce(args, d, run, f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
+             f"global batch {global_batch}, peak lr {peak_lr:.3g}", stop_step, global_batch, demo_command)
     # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
     task = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.ddp else net
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    loss_kw = dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
-                   crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
-                   omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
-                   flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
-                                   args.flood_size, args.flood_open) if args.flood else None)
-    log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
-        f"global batch {global_batch}, peak lr {peak_lr:.3g}"
-        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
-                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
+    loss_kw = loss_options(args)
     progress = Log(args, d, run.step, stop_step, global_batch)
     clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
-    while run.step < stop_step:
+    signum = 0
+    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
+    while run.step < stop_step and not signum:
         # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
         dataset.set_epoch(run.epoch)  # the augmentations' seeds (and the grouped sampler's order)
         if hasattr(sampler, "set_epoch"):
@@ -452,7 +504,8 @@ def main(argv=None):
                 paused = time.time()
                 run.save(os.path.join(args.out, "last.pt"))
                 progress.pause(time.time() - paused)
-            if run.step >= stop_step:
+            signum = stop.requested()
+            if run.step >= stop_step or signum:
                 break
         del batches, loader
         if run.step == (run.epoch + 1) * steps_per_epoch:
@@ -461,6 +514,9 @@ def main(argv=None):
             progress.pause(time.time() - paused)
     if run.step % steps_per_epoch:  # else the epoch's end has just saved it
         run.save(os.path.join(args.out, "last.pt"))
+    if signum:
+        util.shutdown(d)
+        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {run.step} of {stop_step}")
     log(f"done: step {run.step}, {os.path.join(args.out, 'last.pt')}"
         + (f"; best.pt: epoch {run.best['epoch']}, mIoU {run.best['miou']:.3f}"
            if run.best["epoch"] is not None else ""))

@@ -10,10 +10,13 @@ import json
 import math
 import os
 import pickle
+import shlex
+import signal
 import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -28,6 +31,101 @@ class InputError(ValueError):
 def fail(prog, e):
     """What a command does with an InputError: its one line, prefixed with the command, and exit status 1."""
     sys.exit(f"{prog}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGINT (Ctrl-C) and SIGTERM: one line and exit status 128 + the signal, never a traceback.
+
+
+class Interrupted(BaseException):
+    """A SIGINT or SIGTERM where the command has no step boundary to stop at (its set-up, a save)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Stop:
+    """SIGINT and SIGTERM for a command, as a context manager around its work. Outside a loop a signal
+    raises Interrupted at once; inside one (after loop()) it is only noted, and the loop ends at its
+    next step boundary when requested() says so, keeping that step's work. A second signal of the same
+    kind raises at once (a second Ctrl-C); another kind is ignored (torchrun's SIGTERM after the
+    terminal's SIGINT). On the way out: one line on stderr from rank 0, what is kept and the command
+    that continues (said(): both, as a pair of strings), and exit status 128 + the signal (130, 143).
+    DataLoader workers (forked) inherit the handler and ignore the signal: they end with the command."""
+
+    def __init__(self, prog, said):
+        self.prog, self.said = prog, said
+        self.signum, self.looping, self.group, self.rank = None, False, None, 0
+
+    def __enter__(self):
+        self.pid = os.getpid()
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked worker: the command decides
+            return
+        if self.looping and self.signum is None:
+            self.signum = signum
+        elif self.signum in (None, signum):
+            raise Interrupted(signum)
+
+    def loop(self, d):
+        """The loop starts: a signal now waits for requested(), which every rank of d answers alike (over
+        a CPU group: no device sync), so that all stop after the same step."""
+        self.looping, self.rank = True, d.rank
+        if d.ddp:
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def requested(self):
+        """The signal that asks the loop to stop (on any rank), else 0."""
+        if self.group is None:
+            return self.signum or 0
+        t = torch.tensor([self.signum or 0])
+        _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group), (t,))
+        return int(t)
+
+    def exit(self, signum, kept=None):
+        """The line (kept: what the loop saved, instead of said()'s) and exit status 128 + signum."""
+        said_kept, command = self.said()
+        if self.rank == 0:
+            print(f"{self.prog}: stopped by {signal.Signals(signum).name}: {kept or said_kept}; "
+                  f"continue with: {command}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    def __exit__(self, kind, e, tb):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        if isinstance(e, Interrupted):
+            self.exit(e.signum)
+
+
+def run_stop(prog, argv, last):
+    """Stop for train.py and pretrain.py: with `last` (OUT/last.pt) on disk, the same command plus
+    --resume continues (no arguments, the demo: --demo --resume); without, the same command again."""
+    resume = command_line(argv or ["--demo"], "--resume")
+    return Stop(prog, lambda: ((f"{last} as last saved", resume) if os.path.isfile(last)
+                               else ("nothing saved", command_line(argv))))
+
+
+def command_line(argv, flag=None, drop=()):
+    """The command that ran, to be typed again: python FILE.py (or the installed mal-* command; under
+    torchrun, torchrun with its process count) with argv, less the flags in drop, plus flag (valueless)
+    when given. Those flags take no value or an optional one (--flag V, --flag=V), dropped with them."""
+    out, i = [], 0
+    while i < len(argv):
+        a, i = argv[i], i + 1
+        if a.split("=", 1)[0] in (*drop, flag):
+            if "=" not in a and i < len(argv) and not argv[i].startswith("-"):
+                i += 1  # its value
+            continue
+        out.append(a)
+    prog = sys.argv[0]
+    prog = ["python", prog] if prog.endswith(".py") else [os.path.basename(prog)]
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        prog = ["torchrun", "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"], prog[-1]]
+    return shlex.join(prog + out + ([flag] if flag else []))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +163,11 @@ def write_json(path, obj, **kw):
     """JSON to `path`, atomically; compact unless kw (json.dump's) say otherwise."""
     with atomic_file(path, "w") as f:
         json.dump(obj, f, **(kw or dict(separators=(",", ":"))))
+
+
+def side_file(out, suffix):
+    """labels.json -> labels<suffix> (e.g. labels.report.json): the files written beside a labels file."""
+    return (out[:-5] if out.endswith(".json") else out) + suffix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +440,7 @@ def resume_state(path, now, keys, what):
     value as `now` (a dict) for each of keys, which the data position and the schedule follow from."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no checkpoint to resume from")
-    ck = load_checkpoint(path, f"{what} checkpoint")
+    ck = load_checkpoint(path, "--resume checkpoint")  # the command's name comes first in its line
     need_keys(ck, ("args", "world", "model_args", "step", "epoch", "optimizer", "rng"), path,
               f"{what} checkpoint")
     saved = dict(ck["args"], world=ck["world"], model_args=ck["model_args"])
@@ -377,6 +480,18 @@ class SaveClock:
 
 # ----------------------------------------------------------------------------------------------
 # Output
+
+
+def dataloader_warning_once():
+    """torch's warning that a DataLoader has more workers than the machine has cores, once a run: its code
+    checks twice, from two lines, so the default filter shows it twice."""
+    warnings.filterwarnings("once", message="This DataLoader will create")
+
+
+def duration(seconds):
+    """Seconds in words a person reads at a glance: 45 s, 12 min, 7.5 h."""
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+            else f"{seconds / 3600:.1f} h")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
