@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 import coco
@@ -182,13 +183,15 @@ def label_rows(device, quick, workers):
     arch, S, p, n = (("vit_tiny", 128, 16, 12) if quick
                      else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3))
     sets = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
-    boxes = coco.load_boxes(sets["json"])
-    images = [boxes.images[i] for i in sorted(boxes.todo)]
-    n_boxes = sum(len(v) for v in boxes.todo.values())
+    index = coco.box_index(sets["json"])
+    labelable = index.labelable()
+    rows = np.unique(index.ann_img_row[labelable])
+    images = coco.ImageEntries(index, rows[np.argsort(index.img_id[rows])])
+    todo, n_boxes = coco.BoxesByImage(index, labelable), int(labelable.sum())
     net = mal.MAL(arch, patch_size=p, img_size=S).eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    run = lambda: predictor.label_dataset([net], images, boxes.todo, sets["images"], device,  # noqa: E731
+    run = lambda: predictor.label_dataset([net], images, todo, sets["images"], device,  # noqa: E731
                                           recipes.LabelSettings(),
                                           batch_size=64 if device.type == "cuda" else 16, workers=workers)
     t = timeit(run, device, repeats=1 if not quick else 2, warmup=1)
@@ -201,9 +204,8 @@ def label_rows(device, quick, workers):
     with torch.no_grad():
         fwd = B / timeit(lambda: predictor.predict([net], crops, bms, device), device,
                          repeats=5 if quick else 20)
-    ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes.todo.items()},
-                         sets["images"], S)
-    box_of = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for v in boxes.todo.values() for a in v}
+    ds = data.ImageBoxes(images, todo, sets["images"], S)
+    box_of = {int(index.ann_id[r]): coco.xywh_to_xyxy(index.bbox[r]) for r in np.flatnonzero(labelable)}
     metas, t0 = [], time.perf_counter()
     for k in range(len(ds)):
         item = ds[k]

@@ -560,12 +560,13 @@ class ImageCrops(NamedTuple):
 
 
 class ImageBoxes(torch.utils.data.Dataset):
-    """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: list of
-    dicts (id, file_name, width, height); boxes_by_image: image_id -> list of (ann_id, bbox_xywh).
-    Crops use mal.expand_box_fixed(box, t), no flip."""
+    """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: a sequence
+    of dicts (id, file_name, width, height); boxes_by_image: anything whose get(image_id, []) gives
+    that image's annotations (dicts with id and bbox, xywh), e.g. coco.BoxesByImage. Crops use
+    mal.expand_box_fixed(box, t), no flip."""
 
     def __init__(self, images, boxes_by_image, image_dir, size=512, t=0.2):
-        self.images, self.boxes_by_image = list(images), boxes_by_image
+        self.images, self.boxes_by_image = images, boxes_by_image
         self.image_dir, self.size, self.t = os.fspath(image_dir), int(size), float(t)
 
     def __len__(self):
@@ -574,7 +575,7 @@ class ImageBoxes(torch.utils.data.Dataset):
     def __getitem__(self, k):
 
         entry = self.images[k]
-        boxes = list(self.boxes_by_image.get(entry["id"], []))
+        boxes = [(a["id"], a["bbox"]) for a in self.boxes_by_image.get(entry["id"], [])]
         path = os.path.join(self.image_dir, entry["file_name"])
         W, H = entry.get("width"), entry.get("height")
         img, error = None, None

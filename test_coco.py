@@ -91,7 +91,7 @@ def test_non_integer_ids_are_rejected_by_name(tmp_path):
         src[where][-1][key] = value
         (tmp_path / "b.json").write_text(json.dumps(src))
         with pytest.raises(util.InputError, match=msg):
-            coco.load_boxes(str(tmp_path / "b.json"))
+            coco.box_index(str(tmp_path / "b.json"))
 
 
 def test_unlabeled_boxes_can_get_their_filled_box():

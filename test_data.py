@@ -308,6 +308,7 @@ def test_image_boxes_reports_errors_and_bad_boxes(tmp_path):
     boxes = {1: [(1, [10, 10, 30, 20]), (2, [10, 10, 0, 20]), (3, [float("inf"), 1, 2, 2]),
                  (4, [200, 5, 5, 5]), (5, [90, 70, 50, 50])],
              2: [(6, [1, 1, 5, 5])], 3: [(7, [1, 1, 5, 5])], 4: [(8, [1, 1, 5, 5])]}
+    boxes = {i: [dict(id=a, bbox=b) for a, b in v] for i, v in boxes.items()}
     ds = data.ImageBoxes(images, boxes, tmp_path, size=24)
     it = ds[0]
     assert it.error is None and it.ann_ids.tolist() == [1, 5] and (it.width, it.height) == (100, 80)
