@@ -243,6 +243,11 @@ def write_labels(f, index, rows, result_of, unlabeled_as="none"):
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 STREAMED_KEYS = ("images", "annotations")  # the arrays read element by element; other values whole
+READ_BLOCK = 1 << 20  # characters read at a time
+
+
+class NotJson(util.InputError):
+    """A file that is not valid JSON (it wins over what is wrong with the entries read before)."""
 
 
 class _JsonReader:
@@ -254,7 +259,7 @@ class _JsonReader:
 
     def _more(self):
         """Append the next block to the buffer (dropping what is consumed); False at the end."""
-        block = self.f.read(max(1 << 20, len(self.buf) - self.pos))  # doubles for a large single value
+        block = self.f.read(max(READ_BLOCK, len(self.buf) - self.pos))  # doubles for a large single value
         if not block:
             self.eof = True
             return False
@@ -269,7 +274,7 @@ class _JsonReader:
         line = self.lines_before + self.buf.count("\n", 0, pos) + 1
         nl = self.buf.rfind("\n", 0, pos)
         col = pos - nl if nl >= 0 else self.col_base + pos + 1
-        raise util.InputError(f"{self.what} {self.path}: not valid JSON ({msg} at line {line}, column {col})")
+        raise NotJson(f"{self.what} {self.path}: not valid JSON ({msg} at line {line}, column {col})")
 
     def peek(self):
         """The next character that is not white space ('' at the end of the file)."""
@@ -672,7 +677,9 @@ def _open_index(path, sources):
             elif int(np.prod(shape)) == 0:
                 arrays[name] = np.zeros(shape, np.dtype(dtype))
             else:
-                arrays[name] = np.memmap(path, np.dtype(dtype), "r", start + offset, tuple(shape))
+                # a plain ndarray view of the mapping: memmap's own indexing is several times slower
+                m = np.memmap(path, np.dtype(dtype), "r", start + offset, tuple(shape))
+                arrays[name] = m.view(np.ndarray)
     except (OSError, ValueError, KeyError, TypeError):  # unreadable or cut short: rebuilt
         return None
     index = BoxIndex(arrays, header["head"], header["head_keys"], header["kind"], header["has_gt"], blobs)
@@ -699,32 +706,42 @@ def _sources(*paths):
     return out
 
 
-def _build(json_path, images_json, what, folder):
-    """Read the inputs piece by piece into a _Builder; (kind, builder)."""
+def _build(json_path, images_json, what, folder, results=True):
+    """Read the inputs piece by piece into a _Builder. A bad entry stops the building but not the
+    reading: a file that is not JSON at all (cut short, say) is said to be that first."""
     holder = {}
 
-    def first(key, value):  # the --json document: instances (a dict) or a results list
-        if "b" not in holder:
-            holder["b"] = _Builder(json_path, what, "instances" if key is not None else "results", folder)
-        holder["b"].item(key, value)
+    def on_item(key, value):
+        if "error" in holder:
+            return
+        try:
+            if "b" not in holder:  # the --json document: instances (a dict) or a results list
+                holder["b"] = _Builder(json_path, what, "instances" if key is not None else "results", folder)
+            b = holder["b"]
+            b.item("images" if key is None and b.kind == "results" and b.path == images_json else key, value)
+        except NotJson:
+            raise
+        except util.InputError as e:
+            holder["error"] = e
 
-    kind = _read_document(json_path, what, first)
+    kind = _read_document(json_path, what, on_item)
     if kind not in (dict, list):
         raise util.InputError(f"{what} {json_path}: holds a {kind.__name__}, neither a COCO instances JSON "
                               f"(a dict) nor a results list")
-    if kind is dict and "b" not in holder:  # {}: no keys at all
-        holder["b"] = _Builder(json_path, what, "instances", folder)
-    b = holder["b"]
+    if "error" in holder:
+        raise holder["error"]
+    b = holder.setdefault("b", _Builder(json_path, what, "instances", folder))  # {}: no keys at all
+    if b.kind == "results" and not results:
+        raise util.InputError(f"{what} {json_path}: a results list, not a COCO instances JSON (a dict with "
+                              f"'images' and 'annotations')")
     if b.kind == "results":
         if not images_json:
             raise util.InputError(f"{json_path} is a COCO results list; pass --images-json with the "
                                   f"image entries")
-        b.path, b.what = images_json, "--images-json"
-
-        def images_only(key, value):
-            b.item("images" if key is None else key, value)  # a bare list is the image entries
-
-        _read_document(images_json, "--images-json", images_only)
+        b.path, b.what = images_json, "--images-json"  # a bare list in it is the image entries
+        _read_document(images_json, "--images-json", on_item)
+        if "error" in holder:
+            raise holder["error"]
         if "images" not in b.seen:
             raise util.InputError(f"--images-json {images_json}: no 'images' key")
         b.path = json_path
@@ -736,12 +753,12 @@ def _build(json_path, images_json, what, folder):
     return b
 
 
-def box_index(json_path, images_json=None, what="--json"):
+def box_index(json_path, images_json=None, what="--json", results=True):
     """The BoxIndex of a COCO instances JSON, or of a COCO results list with its image entries in
     images_json: read from the cache (beside the JSON, see _cache_paths) when it was made from these
     files as they are now (size and mtime), else built by reading them once, piece by piece, and
     cached. A cache that is unreadable or cut short is rebuilt. Every problem with the input is an
-    InputError naming the file and what is wrong."""
+    InputError naming the file and what is wrong; so is a results list where results=False."""
     for p, flag in ((json_path, what), (images_json, "--images-json")):
         if p and not os.path.exists(p):
             raise util.InputError(f"{flag} {p}: no such file")
@@ -763,7 +780,7 @@ def box_index(json_path, images_json=None, what="--json"):
     else:
         raise util.InputError(f"{json_path}: its box index can be written neither beside it nor in "
                               f"{os.path.dirname(paths[-1])} (set MAL_CACHE_DIR)")
-    _write_index(p, _build(json_path, images_json, what, os.path.dirname(p)), sources)
+    _write_index(p, _build(json_path, images_json, what, os.path.dirname(p), results), sources)
     index = _open_index(p, sources)
     if index is None:  # the input changed while it was read
         raise util.InputError(f"{json_path}: changed while its box index was built; run again")
@@ -792,18 +809,19 @@ class BoxesByImage:
     row) marks, in input order, read from the index when asked (get only)."""
 
     def __init__(self, index, selected):
-        self.index, self.selected = index, selected
+        self.index, self.selected, self.last = index, selected, (None, None)
 
     def get(self, image_id, default=()):
-        ix = self.index
-        if not ix.n_images:
-            return default
-        k = int(ix.image_rows([image_id])[0])
-        if ix.img_id[k] != image_id:
-            return default
-        rows = ix.ann_by_image[ix.img_start[k]:ix.img_start[k + 1]]
-        rows = rows[self.selected[rows]]
-        return [{"id": int(ix.ann_id[r]), "bbox": ix.bbox[r].tolist()} for r in rows] or default
+        if self.last[0] == image_id:  # the loader and the labeling loop ask for each image in turn
+            return self.last[1] or default
+        ix, boxes = self.index, []
+        k = int(ix.image_rows([image_id])[0]) if ix.n_images else 0
+        if ix.n_images and ix.img_id[k] == image_id:
+            rows = ix.ann_by_image[ix.img_start[k]:ix.img_start[k + 1]]
+            rows = rows[self.selected[rows]]
+            boxes = [{"id": a, "bbox": b} for a, b in zip(ix.ann_id[rows].tolist(), ix.bbox[rows].tolist())]
+        self.last = (image_id, boxes)
+        return boxes or default
 
 
 def index_of_dict(instances, what="COCO instances"):

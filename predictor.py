@@ -117,6 +117,11 @@ def _paste_batch(prob, score, event, metas, thr):
     return out
 
 
+def _as_is(item):
+    """The loader's collate_fn: an ImageCrops holds tensors already (default_convert would walk it)."""
+    return item
+
+
 class _Group(NamedTuple):
     key: object
     results: dict  # {ann_id: {'reason'}} for the boxes without a crop; the pastes add the others
@@ -144,7 +149,7 @@ class LabelStream:
         groups = groups if groups is not None else [0] * len(images)
         ds = data.ImageBoxes(images, todo, image_dir, self.size, t=self.settings.expand)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                             prefetch_factor=4 if workers else None)
+                                             prefetch_factor=4 if workers else None, collate_fn=_as_is)
         self._pool = ThreadPoolExecutor(max(1, self.threads))
         self._buf = []  # (crop [3,S,S] u8, box mask [S,S], meta) waiting for a full batch
         self._finished = collections.deque()  # groups whose pastes may still be running
