@@ -408,6 +408,10 @@ class _Builder:
                                                   ("score", "d"), ("category", "q"), ("has_seg", "b"))}
         self.ann_json, self.seen = _Spool(folder), set()
 
+    def close(self):
+        for spool in (self.img_names, self.img_json, self.ann_json):
+            spool.f.close()
+
     def item(self, key, value):
         if key in self.seen:
             return  # json.load keeps a repeated key's last value; repeated keys are not COCO: the first wins
@@ -596,15 +600,22 @@ class BoxIndex:
         return self.img_id_order[pos]
 
     def labelable(self):
-        """bool per annotation row: box_problem() finds nothing and its image is listed (vectorised;
-        the reasons of the others come from unlabelable_reason)."""
-        found = self.ann_img_row >= 0
-        row = np.where(found, self.ann_img_row, 0)
-        W = self.img_w[row] if self.n_images else np.zeros(len(self), np.int64)
-        H = self.img_h[row] if self.n_images else np.zeros(len(self), np.int64)
-        x, y, w, h = (self.bbox[:, j] for j in range(4))
+        """bool per annotation row: its image is listed and box_problem() finds nothing (vectorised, a
+        block of rows at a time: the temporaries stay small; unlabelable_reason gives the others' words)."""
+        ok = np.zeros(len(self), dtype=bool)
+        for s in range(0, len(self), 1 << 20):
+            ok[s:s + (1 << 20)] = self._labelable(slice(s, s + (1 << 20)))
+        return ok
+
+    def _labelable(self, rows):
+        img_row = self.ann_img_row[rows]
+        found = img_row >= 0
+        k = np.where(found, img_row, 0)
+        W, H = (self.img_w[k], self.img_h[k]) if self.n_images else (np.zeros(len(k), np.int64),) * 2
+        bbox = self.bbox[rows]
+        x, y, w, h = (bbox[:, j] for j in range(4))
         with np.errstate(invalid="ignore"):
-            ok = found & self.ann_bbox_ok.astype(bool) & np.isfinite(self.bbox).all(1) & (w > 0) & (h > 0)
+            ok = found & self.ann_bbox_ok[rows].astype(bool) & np.isfinite(bbox).all(1) & (w > 0) & (h > 0)
             known = (W > 0) & (H > 0)  # box_problem's `W or None`: 0 or absent is unknown
             x1, y1 = x + w, y + h
             ok &= ~known | ~((x >= W) | (y >= H) | (x1 <= 0) | (y1 <= 0))
@@ -627,11 +638,16 @@ class BoxIndex:
 
     def __setstate__(self, state):
         if state.get("path"):
-            state = _open_index(state["path"], state["sources"])
-            if state is None:
+            index = _open_index(state["path"], state["sources"])
+            if index is None:
                 raise RuntimeError(f"{state['path']}: the box index changed while in use")
-            state = state.__dict__
+            state, index.__dict__ = index.__dict__, {}  # its file is this one's now
         self.__dict__.update(state)
+
+    def __del__(self):
+        for src, _ in getattr(self, "_blobs", {}).values():
+            if not isinstance(src, bytes):
+                src.close()
 
 
 def _write_index(path, b, sources):
@@ -670,10 +686,9 @@ def _open_index(path, sources):
         if header["sources"] != sources or os.path.getsize(path) != start + header["size"]:
             return None
         arrays, blobs = {}, {}
-        f = open(path, "rb", buffering=0)  # closed with the index
         for name, (dtype, shape, offset) in header["layout"].items():
             if name in ("img_name", "img_json", "ann_json"):
-                blobs[name] = (f, start + offset)
+                blobs[name] = start + offset
             elif int(np.prod(shape)) == 0:
                 arrays[name] = np.zeros(shape, np.dtype(dtype))
             else:
@@ -682,6 +697,8 @@ def _open_index(path, sources):
                 arrays[name] = m.view(np.ndarray)
     except (OSError, ValueError, KeyError, TypeError):  # unreadable or cut short: rebuilt
         return None
+    f = open(path, "rb", buffering=0)  # closed with the index
+    blobs = {name: (f, offset) for name, offset in blobs.items()}
     index = BoxIndex(arrays, header["head"], header["head_keys"], header["kind"], header["has_gt"], blobs)
     index.path, index.sources = path, sources
     return index
@@ -724,13 +741,25 @@ def _build(json_path, images_json, what, folder, results=True):
         except util.InputError as e:
             holder["error"] = e
 
+    try:
+        return _check(json_path, images_json, what, results, holder, on_item)
+    except BaseException:
+        if "b" in holder:
+            holder["b"].close()
+        raise
+
+
+def _check(json_path, images_json, what, results, holder, on_item):
+    """_build's reading and its checks of what was read."""
     kind = _read_document(json_path, what, on_item)
     if kind not in (dict, list):
         raise util.InputError(f"{what} {json_path}: holds a {kind.__name__}, neither a COCO instances JSON "
                               f"(a dict) nor a results list")
     if "error" in holder:
         raise holder["error"]
-    b = holder.setdefault("b", _Builder(json_path, what, "instances", folder))  # {}: no keys at all
+    if "b" not in holder:  # {}: no keys at all
+        holder["b"] = _Builder(json_path, what, "instances", None)
+    b = holder["b"]
     if b.kind == "results" and not results:
         raise util.InputError(f"{what} {json_path}: a results list, not a COCO instances JSON (a dict with "
                               f"'images' and 'annotations')")
@@ -780,7 +809,11 @@ def box_index(json_path, images_json=None, what="--json", results=True):
     else:
         raise util.InputError(f"{json_path}: its box index can be written neither beside it nor in "
                               f"{os.path.dirname(paths[-1])} (set MAL_CACHE_DIR)")
-    _write_index(p, _build(json_path, images_json, what, os.path.dirname(p), results), sources)
+    b = _build(json_path, images_json, what, os.path.dirname(p), results)
+    try:
+        _write_index(p, b, sources)
+    finally:
+        b.close()
     index = _open_index(p, sources)
     if index is None:  # the input changed while it was read
         raise util.InputError(f"{json_path}: changed while its box index was built; run again")

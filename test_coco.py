@@ -194,7 +194,8 @@ def test_box_index_cache_is_rebuilt_when_the_json_changes_or_the_cache_is_corrup
     src["annotations"][0]["bbox"] = [1, 1, 2, 2]
     path.write_text(json.dumps(src))  # another size
     assert coco.box_index(str(path)).annotation(0)["bbox"] == [1, 1, 2, 2]
-    data = open(first.path, "rb").read()
+    with open(first.path, "rb") as f:
+        data = f.read()
     for bad in (data[:len(data) // 2], b"garbage", data[:40] + b"x" + data[41:], b""):
         with open(first.path, "wb") as f:
             f.write(bad)

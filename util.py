@@ -63,9 +63,8 @@ def atomic_write(path, payload):
 
 def write_json(path, obj, **kw):
     """JSON to `path`, atomically; compact unless kw (json.dump's) say otherwise."""
-    text = json.dumps(obj, **(kw or dict(separators=(",", ":"))))  # json.dump's bytes, by the C encoder
     with atomic_file(path, "w") as f:
-        f.write(text)
+        json.dump(obj, f, **(kw or dict(separators=(",", ":"))))
 
 
 # ----------------------------------------------------------------------------------------------
