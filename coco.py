@@ -579,10 +579,10 @@ class BoxIndex:
         return self._blob("ann_json", row)
 
     def image(self, k):
-        return json.loads(self.image_json(k))
+        return json.loads(self.image_json(k).decode("ascii"))
 
     def annotation(self, row):
-        a = json.loads(self.annotation_json(row))
+        a = json.loads(self.annotation_json(row).decode("utf-8"))
         return _as_result(a, int(row)) if self.kind == "results" else a
 
     def rows_of_ids(self, ids):

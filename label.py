@@ -293,8 +293,8 @@ def label_chunks(args, d, settings, index, labelable, img_rows, mine, parts):
     for n_written, (k, res) in enumerate(stream.run(coco.ImageEntries(index, order),
                                                     coco.BoxesByImage(index, labelable), args.images,
                                                     groups=groups, workers=args.workers), 1):
-        util.write_json(chunk_path(parts, k),
-                        {"chunk": int(k), "results": {str(a): r for a, r in sorted(res.items())}})
+        chunk = {"chunk": int(k), "results": {str(a): r for a, r in sorted(res.items())}}
+        util.atomic_write(chunk_path(parts, k), json.dumps(chunk, separators=(",", ":")).encode("ascii"))
         if stop_after and n_written >= stop_after:
             print(f"label.py: MAL_LABEL_STOP_AFTER={stop_after}: exiting hard", file=sys.stderr, flush=True)
             os._exit(75)
@@ -328,8 +328,15 @@ class ChunkResults:
         self.f = open(self.path, "rb", buffering=0)
 
     def get(self, row):
-        return None if self.offsets[row] < 0 else json.loads(os.pread(self.f.fileno(), int(self.lengths[row]),
-                                                                      int(self.offsets[row])))
+        if self.offsets[row] < 0:
+            return None
+        return json.loads(os.pread(self.f.fileno(), int(self.lengths[row]), int(self.offsets[row])).decode())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def write_outputs(args, index, kept, labelable, results):
@@ -427,7 +434,8 @@ def run(args, d, settings, t0):
     util.barrier(d)
     if d.rank != 0:
         return 0
-    summary = write_outputs(args, index, kept, labelable, ChunkResults(index, labelable, n_chunks, parts))
+    with ChunkResults(index, labelable, n_chunks, parts) as results:
+        summary = write_outputs(args, index, kept, labelable, results)
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
