@@ -1,6 +1,7 @@
-"""COCO helpers: reading the boxes to label (an instances JSON or a results list), why a box cannot
-be labeled, mask geometry (a crop's probabilities pasted into the image, exact with respect to
-data.py's crop mapping), compressed RLE, and the labeled output.
+"""COCO helpers: why a box cannot be labeled, mask geometry (a crop's probabilities pasted into the
+image, exact with respect to data.py's crop mapping), compressed RLE, the labeled output (written
+annotation by annotation), and the box index: the boxes to label or train on (an instances JSON or a
+results list) read once, element by element, into columns mapped from a cache file (box_index).
 
 Coordinates: boxes are xyxy float pixels; pixel (i, j) covers [j, j+1) × [i, i+1), its centre is
 (j + 0.5, i + 0.5); an image pixel belongs to a box iff its centre lies in [x0, x1) × [y0, y1).
