@@ -600,31 +600,42 @@ class BoxIndex:
         pos = np.searchsorted(self.img_id, np.asarray(image_ids, np.int64), sorter=self.img_id_order)
         return self.img_id_order[pos]
 
-    def labelable(self):
-        """bool per annotation row: its image is listed and box_problem() finds nothing (vectorised, a
-        block of rows at a time: the temporaries stay small; unlabelable_reason gives the others' words)."""
-        ok = np.zeros(len(self), dtype=bool)
-        for s in range(0, len(self), 1 << 20):
-            ok[s:s + (1 << 20)] = self._labelable(slice(s, s + (1 << 20)))
-        return ok
+    # box_codes: each box's first problem, in box_problem's order
+    BOX_OK, NO_IMAGE, DEGENERATE, OUTSIDE, NO_PIXEL = range(5)
 
-    def _labelable(self, rows):
+    def box_codes(self):
+        """int8 per annotation row: BOX_OK, or the first of its problems as box_problem() finds them
+        (NO_IMAGE: its image is not listed; DEGENERATE: not 4 finite numbers, or w or h <= 0; OUTSIDE:
+        off its image; NO_PIXEL: covers no pixel centre of it). Vectorised, a block of rows at a time
+        so that the temporaries stay small; unlabelable_reason gives box_problem's words."""
+        codes = np.zeros(len(self), dtype=np.int8)
+        for s in range(0, len(self), 1 << 20):
+            codes[s:s + (1 << 20)] = self._box_codes(slice(s, s + (1 << 20)))
+        return codes
+
+    def _box_codes(self, rows):
         img_row = self.ann_img_row[rows]
-        found = img_row >= 0
-        k = np.where(found, img_row, 0)
+        k = np.maximum(img_row, 0)
         W, H = (self.img_w[k], self.img_h[k]) if self.n_images else (np.zeros(len(k), np.int64),) * 2
         bbox = self.bbox[rows]
         x, y, w, h = (bbox[:, j] for j in range(4))
+        known = (W > 0) & (H > 0)  # box_problem's `W or None`: 0 or absent is unknown
         with np.errstate(invalid="ignore"):
-            ok = found & self.ann_bbox_ok[rows].astype(bool) & np.isfinite(bbox).all(1) & (w > 0) & (h > 0)
-            known = (W > 0) & (H > 0)  # box_problem's `W or None`: 0 or absent is unknown
             x1, y1 = x + w, y + h
-            ok &= ~known | ~((x >= W) | (y >= H) | (x1 <= 0) | (y1 <= 0))
-            # _pixel_span: some pixel centre lies in the box (on an image of known size)
             xa, xb = np.maximum(0, np.ceil(x - 0.5)), np.minimum(W, np.maximum(0, np.ceil(x1 - 0.5)))
             ya, yb = np.maximum(0, np.ceil(y - 0.5)), np.minimum(H, np.maximum(0, np.ceil(y1 - 0.5)))
-            ok &= ~known | ((xa < xb) & (ya < yb))
-        return ok
+            checks = [(img_row < 0, self.NO_IMAGE),
+                      (~np.isfinite(bbox).all(1) | (w <= 0) | (h <= 0), self.DEGENERATE),
+                      (known & ((x >= W) | (y >= H) | (x1 <= 0) | (y1 <= 0)), self.OUTSIDE),
+                      (known & ((xa >= xb) | (ya >= yb)), self.NO_PIXEL)]  # _pixel_span's
+        codes = np.zeros(len(k), dtype=np.int8)
+        for bad, code in reversed(checks):  # the first problem wins
+            codes[bad] = code
+        return codes
+
+    def labelable(self):
+        """bool per annotation row: its image is listed and box_problem() finds nothing."""
+        return self.box_codes() == self.BOX_OK
 
     def unlabelable_reason(self, row, ann=None):
         """Why annotation row cannot be labeled (box_problem's words), or None."""

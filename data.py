@@ -335,19 +335,14 @@ class BoxDataset(torch.utils.data.Dataset):
         self.file_names = _FileNames(ix)
 
         # The boxes kept: index rows, in input order; each skipped one counted under its first reason.
-        found = ix.ann_img_row >= 0
-        k = np.where(found, ix.ann_img_row, 0)
-        W, H = (ix.img_w[k], ix.img_h[k]) if ix.n_images else (np.zeros(len(ix), np.int64),) * 2
-        x, y, w, h = (ix.bbox[:, j] for j in range(4))
-        crowd = found & ix.ann_iscrowd.astype(bool)
+        code, w, h = ix.box_codes(), ix.bbox[:, 2], ix.bbox[:, 3]
+        found = code != ix.NO_IMAGE
+        crowd = found & (ix.ann_iscrowd != 0)
         left = found & ~crowd
-        with np.errstate(invalid="ignore"):  # coco.bbox_problem's rules, on all boxes at once
-            degenerate = left & (~np.isfinite(ix.bbox).all(1) | (w <= 0) | (h <= 0))
-            left &= ~degenerate
-            outside = left & (W > 0) & (H > 0) & ((x >= W) | (y >= H) | (x + w <= 0) | (y + h <= 0))
-            left &= ~outside
-            small = left & (w * h < self.min_area)
-            left &= ~small
+        degenerate, outside = left & (code == ix.DEGENERATE), left & (code == ix.OUTSIDE)
+        left &= ~degenerate & ~outside  # a box on no pixel centre still trains (clipped to the image)
+        small = left & (w * h < self.min_area)
+        left &= ~small
         self.skipped = dict(zip(self.SKIP_REASONS, (int(m.sum()) for m in (~found, crowd, degenerate, outside,
                                                                            small))))
         self.rows = np.flatnonzero(left)
