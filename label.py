@@ -10,6 +10,10 @@ the same command after a crash or kill -9 skips what is done, with any world siz
 output is byte-identical to an uninterrupted run. No box is lost silently: one that cannot be labeled
 keeps its box, gets no `segmentation`, and is listed with its reason in OUT's .report.json.
 
+Memory does not grow with the input beyond ~100 bytes a box: the boxes are read once into a box index
+cached beside the JSON (coco.box_index, mapped by every rank), and OUT, its report and review list are
+written entry by entry from the chunks.
+
 Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object (predictor.mask_score);
 OUT's .review.json lists the masks lowest score first, --review N draws the N lowest for a person to
 check, and --eval says how well the score ranks the masks by their true IoU.
