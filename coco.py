@@ -379,10 +379,6 @@ INDEX_MAGIC = b"MAL box index 1\n"
 _ALIGN = 64
 
 
-def _is_int_size(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 class _Spool:
     """Byte strings appended to a temporary file (or memory); their offsets in an int64 list."""
 
@@ -754,15 +750,15 @@ def _build(json_path, images_json, what, folder, results=True):
             holder["error"] = e
 
     try:
-        return _check(json_path, images_json, what, results, holder, on_item)
+        return _read_inputs(json_path, images_json, what, results, holder, on_item)
     except BaseException:
         if "b" in holder:
             holder["b"].close()
         raise
 
 
-def _check(json_path, images_json, what, results, holder, on_item):
-    """_build's reading and its checks of what was read."""
+def _read_inputs(json_path, images_json, what, results, holder, on_item):
+    """_build's reading of --json (and --images-json) and its checks of what was read."""
     kind = _read_document(json_path, what, on_item)
     if kind not in (dict, list):
         raise util.InputError(f"{what} {json_path}: holds a {kind.__name__}, neither a COCO instances JSON "
