@@ -5,16 +5,20 @@
 
 Rows: the CRF kernel vs the reference; a training step (ours vs the naive one: reference CRF and
 plain attention) with crops/s, peak memory and model FLOP utilisation; labeling end to end from
-JPEGs on disk to RLE, and the data-loading rate alone. Every ratio is measured side by side in one
-run: median of repeats after warm-up, device-side timing on GPU.
+JPEGs on disk to RLE, and the data-loading rate alone; label.py's bookkeeping at scale (--only
+bookkeeping: seconds and peak memory for 250k and 1M boxes whose images are absent). Every ratio is
+measured side by side in one run: median of repeats after warm-up, device-side timing on GPU.
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 import coco
@@ -25,6 +29,8 @@ import predictor
 import recipes
 import synthetic
 import util
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -182,13 +188,15 @@ def label_rows(device, quick, workers):
     arch, S, p, n = (("vit_tiny", 128, 16, 12) if quick
                      else ("vit_base", 512, 16, 400 if device.type == "cuda" else 3))
     sets = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
-    boxes = coco.load_boxes(sets["json"])
-    images = [boxes.images[i] for i in sorted(boxes.todo)]
-    n_boxes = sum(len(v) for v in boxes.todo.values())
+    index = coco.box_index(sets["json"])
+    labelable = index.labelable()
+    rows = np.unique(index.ann_img_row[labelable])
+    images = coco.ImageEntries(index, rows[np.argsort(index.img_id[rows])])
+    todo, n_boxes = coco.BoxesByImage(index, labelable), int(labelable.sum())
     net = mal.MAL(arch, patch_size=p, img_size=S).eval().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    run = lambda: predictor.label_dataset([net], images, boxes.todo, sets["images"], device,  # noqa: E731
+    run = lambda: predictor.label_dataset([net], images, todo, sets["images"], device,  # noqa: E731
                                           recipes.LabelSettings(),
                                           batch_size=64 if device.type == "cuda" else 16, workers=workers)
     t = timeit(run, device, repeats=1 if not quick else 2, warmup=1)
@@ -201,9 +209,8 @@ def label_rows(device, quick, workers):
     with torch.no_grad():
         fwd = B / timeit(lambda: predictor.predict([net], crops, bms, device), device,
                          repeats=5 if quick else 20)
-    ds = data.ImageBoxes(images, {i: [(a["id"], a["bbox"]) for a in v] for i, v in boxes.todo.items()},
-                         sets["images"], S)
-    box_of = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for v in boxes.todo.values() for a in v}
+    ds = data.ImageBoxes(images, todo, sets["images"], S)
+    box_of = {int(index.ann_id[r]): coco.xywh_to_xyxy(index.bbox[r]) for r in np.flatnonzero(labelable)}
     metas, t0 = [], time.perf_counter()
     for k in range(len(ds)):
         item = ds[k]
@@ -229,13 +236,85 @@ def label_rows(device, quick, workers):
                  ours=paste)]
 
 
+def write_box_set(path, n_boxes, per_image=5):
+    """A COCO instances JSON of n_boxes boxes, per_image on each 640x480 image (none on disk), written
+    entry by entry (the bench's own memory stays small)."""
+    rng = np.random.default_rng(0)
+    with util.atomic_file(path, "w") as f:
+        f.write('{"info":{"description":"bookkeeping"},"categories":[{"id":1,"name":"thing"}],"images":[')
+        n_images = -(-n_boxes // per_image)
+        for i in range(n_images):
+            f.write(("," if i else "") + json.dumps(dict(id=i + 1, file_name=f"absent/{i + 1:08d}.jpg",
+                                                        width=640, height=480)))
+        f.write('],"annotations":[')
+        xy, wh = rng.uniform(0, 400, (n_boxes, 2)).round(2), rng.uniform(8, 200, (n_boxes, 2)).round(2)
+        for k in range(n_boxes):
+            f.write(("," if k else "") + json.dumps(dict(
+                id=k + 1, image_id=k // per_image + 1, category_id=1, iscrowd=0,
+                bbox=[float(xy[k, 0]), float(xy[k, 1]), float(wh[k, 0]), float(wh[k, 1])],
+                area=float(wh[k, 0] * wh[k, 1]))))
+        f.write("]}")
+
+
+# Runs label.py in a child and reports its peak RSS (the largest of label.py and its own children).
+_PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+
+
+def bookkeeping_rows(quick):
+    """label.py's bookkeeping alone, end to end: N boxes (5 per image) on images that are absent, so
+    every box is read into the index (built afresh), sharded, chunked, reported unlabeled with its
+    reason and written back, with nothing to label. Each size runs in its own process (one loader
+    worker, tiny random weights): seconds and peak RSS; then the bytes per box between the sizes.
+    Checks that every box id is back in the output and in the report with its reason."""
+    folder = os.path.join("demo", "bookkeeping")
+    os.makedirs(folder, exist_ok=True)
+    ckpt = os.path.join(folder, "tiny.pt")
+    args = dict(arch="vit_tiny", patch_size=16, img_size=32, depth=1)
+    sd = mal.MAL(**args).state_dict()
+    torch.save(dict(model_args=args, task=sd, teacher=sd, step=0, epoch=0, args={}), ckpt)
+    rows, peaks = [], {}
+    for n in (25_000, 100_000) if quick else (250_000, 1_000_000):
+        js, out = os.path.join(folder, f"boxes{n}.json"), os.path.join(folder, f"labels{n}.json")
+        if not os.path.exists(js):
+            write_box_set(js, n)
+        for p in (js + ".index", out + ".parts"):
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        cmd = [sys.executable, "-c", _PEAK_RSS, sys.executable, os.path.join(HERE, "label.py"),
+               "--ckpt", ckpt, "--json", js, "--images", folder, "--out", out, "--device", "cpu",
+               "--workers", "1", "--threads", "1", "--quiet"]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        if done.returncode:
+            raise RuntimeError(f"label.py failed on {n} boxes: {done.stderr[-2000:]}")
+        peaks[n] = int(done.stdout.split()[-1])
+        with open(out[:-len(".json")] + ".report.json") as f:
+            report = json.load(f)
+        ids = np.array([u["id"] for u in report["unlabeled"] if u["reason"]], dtype=np.int64)
+        back = ids.size == n and np.array_equal(np.sort(ids), np.arange(1, n + 1))
+        rows.append(dict(workload=f"label bookkeeping, {n:,} boxes on absent images", unit="s", ours=seconds,
+                         peak_rss_gb=peaks[n] / 1e9,
+                         note=f"every box back with its reason: {'yes' if back else 'NO'}; "
+                              f"{os.path.getsize(js) / 1e6:.0f} MB JSON"))
+        os.remove(out)
+    (a, ra), (b, rb) = sorted(peaks.items())
+    rows.append(dict(workload=f"label bookkeeping, peak RSS per added box ({a:,} -> {b:,})", unit="bytes/box",
+                     ours=(rb - ra) / (b - a)))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=util.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, for CI and CPUs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
     p.add_argument("--batch", type=int, default=None, help="training-step batch (default: 32 on GPU)")
-    p.add_argument("--only", default="crf,train,label", help="comma-separated row groups to run")
+    p.add_argument("--only", default="crf,train,label", help="comma-separated row groups to run (also: "
+                   "bookkeeping, a few minutes on a CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="labeling DataLoader workers")
     p.add_argument("--json", default="bench.json", help="where to write the rows")
@@ -253,6 +332,8 @@ def main():
         rows += train_rows(device, args.quick, max(3, repeats // 4), args.batch, args.profile, args.compile)
     if "label" in only:
         rows += label_rows(device, args.quick, args.workers)
+    if "bookkeeping" in only:
+        rows += bookkeeping_rows(args.quick)
     env = dict(device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"CPU, {torch.get_num_threads()} threads"),
                torch=torch.__version__, cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
@@ -264,7 +345,7 @@ def main():
     for r in rows:
         f = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10s}"  # noqa: E731
         extra = [f"{k} {v:.3g}" for k, v in r.items()
-                 if k in ("peak_mem_gib", "mfu", "matmul_tflops") and v is not None]
+                 if k in ("peak_mem_gib", "peak_rss_gb", "mfu", "matmul_tflops") and v is not None]
         print(f"{r['workload']:58s} {f(r.get('ours'))} {f(r.get('reference'))} "
               f"{(format(r['ratio'], '6.1f') + 'x') if r.get('ratio') else '      -':>7s}  {r['unit']} "
               f"{' '.join(extra)} {r.get('note', '')}")

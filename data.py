@@ -321,68 +321,64 @@ class BoxDataset(torch.utils.data.Dataset):
 
     def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
                  t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False, report=True):
-        if isinstance(ann_json, dict):
-            instances = ann_json
-        else:
-            instances = coco.read_instances(ann_json)
+        self.index = (coco.index_of_dict(ann_json) if isinstance(ann_json, dict)
+                      else coco.box_index(ann_json, what="COCO instances JSON", results=False))
         self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
         self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
         self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
         self.gt_masks, self.report, self.epoch = bool(gt_masks), bool(report), 0
 
-        # Per-image arrays (numpy, not lists of dicts: forked workers do not copy them on access).
-        images = instances.get("images", [])
-        row = {im["id"]: k for k, im in enumerate(images)}
-        self.file_names = np.array([im["file_name"] for im in images] or [""], dtype=str)
-        self.image_ids = np.array([im["id"] for im in images], dtype=np.int64)
-        self.widths = np.array([im.get("width", -1) for im in images], dtype=np.int64)
-        self.heights = np.array([im.get("height", -1) for im in images], dtype=np.int64)
+        # Per-image columns of the index: mapped from its file, not copied (forked workers and the
+        # ranks of a node share the pages).
+        ix = self.index
+        self.image_ids, self.widths, self.heights = ix.img_id, ix.img_w, ix.img_h
+        self.file_names = _FileNames(ix)
 
-        self.skipped = {r: 0 for r in self.SKIP_REASONS}
-        boxes, ann_ids, img_rows, areas, self.segmentations = [], [], [], [], []
-        for a in instances.get("annotations", []):
-            k = row.get(a.get("image_id"))
-            if k is None:
-                self.skipped["missing_image_entry"] += 1
-                continue
-            if a.get("iscrowd", 0):
-                self.skipped["iscrowd"] += 1
-                continue
-            try:
-                x, y, w, h = (float(v) for v in a["bbox"])
-            except (KeyError, TypeError, ValueError):
-                x = y = w = h = float("nan")
-            W, H = int(self.widths[k]), int(self.heights[k])
-            problem = coco.bbox_problem(x, y, w, h, W if W > 0 else None, H if H > 0 else None)
-            if problem:
-                self.skipped[problem[0]] += 1
-                continue
-            if w * h < self.min_area:
-                self.skipped["small_area"] += 1
-                continue
-            if self.gt_masks:
-                if "segmentation" not in a or W <= 0 or H <= 0:
-                    raise util.InputError(f"annotation {a.get('id')}: --gt-masks needs a segmentation "
-                                          f"and the image's width and height")
-                self.segmentations.append(coco.segmentation_rle(a["segmentation"], H, W))
-            try:
-                areas.append(float(a["area"]))
-            except (KeyError, TypeError, ValueError):
-                areas.append(float("nan"))
-            boxes.append((x, y, x + w, y + h))
-            ann_ids.append(a["id"])
-            img_rows.append(k)
-        self.boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
-        self.ann_ids = np.array(ann_ids, dtype=np.int64)
-        self.img_rows = np.array(img_rows, dtype=np.int64)
-        self.areas = np.array(areas, dtype=np.float64)
+        # The boxes kept: index rows, in input order; each skipped one counted under its first reason.
+        code, w, h = ix.box_codes(), ix.bbox[:, 2], ix.bbox[:, 3]
+        found = code != ix.NO_IMAGE
+        crowd = found & (ix.ann_iscrowd != 0)
+        left = found & ~crowd
+        degenerate, outside = left & (code == ix.DEGENERATE), left & (code == ix.OUTSIDE)
+        left &= ~degenerate & ~outside  # a box on no pixel centre still trains (clipped to the image)
+        small = left & (w * h < self.min_area)
+        left &= ~small
+        self.skipped = dict(zip(self.SKIP_REASONS, (int(m.sum()) for m in (~found, crowd, degenerate, outside,
+                                                                           small))))
+        self.rows = np.flatnonzero(left)
+        self.img_rows = ix.ann_img_row[self.rows]
+        if self.gt_masks:
+            bad = ((ix.ann_has_seg[self.rows] == 0) | (self.widths[self.img_rows] <= 0)
+                   | (self.heights[self.img_rows] <= 0))
+            if bad.any():
+                raise util.InputError(f"annotation {ix.ann_id[self.rows[bad.argmax()]]}: --gt-masks needs a "
+                                      f"segmentation and the image's width and height")
 
         self._cache = OrderedDict()  # path -> decoded RGB image (per process)
         self.bad_images = {}  # path -> reason (per process)
         self.n_invalid = 0  # invalid samples returned (per process)
 
     def __len__(self):
-        return len(self.boxes)
+        return len(self.rows)
+
+    @property
+    def boxes(self):
+        """The kept boxes, xyxy float64 [n, 4]."""
+        b = self.index.bbox[self.rows]
+        return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+    @property
+    def ann_ids(self):
+        return self.index.ann_id[self.rows]
+
+    @property
+    def areas(self):
+        """Each kept box's annotation `area` (NaN where it has none), for COCO's size classes."""
+        return self.index.ann_area[self.rows]
+
+    def _box(self, i):
+        x, y, w, h = (float(v) for v in self.index.bbox[self.rows[i]])
+        return x, y, x + w, y + h
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -438,7 +434,8 @@ class BoxDataset(torch.utils.data.Dataset):
         self.n_invalid += 1
         z = torch.zeros(3, S, S, dtype=torch.uint8)
         out = dict(image=z, teacher_image=z.clone(), box_mask=torch.zeros(S, S), valid=False,
-                   ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[self.img_rows[i]]), index=i,
+                   ann_id=int(self.index.ann_id[self.rows[i]]),
+                   image_id=int(self.image_ids[self.img_rows[i]]), index=i,
                    crop_box=torch.zeros(4, dtype=torch.float64), flipped=False)
         if self.gt_masks:
             out["gt_mask"] = torch.zeros(S, S)
@@ -448,7 +445,9 @@ class BoxDataset(torch.utils.data.Dataset):
         """The GT mask of box i through the same crop, resize and flip as the image: float [S,S]."""
         from pycocotools import mask as mask_utils
 
-        rle = self.segmentations[i]
+        k = self.img_rows[i]
+        rle = coco.segmentation_rle(self.index.annotation(self.rows[i])["segmentation"], int(self.heights[k]),
+                                    int(self.widths[k]))
         rle = dict(rle, counts=(rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
                                 else rle["counts"]))
         m = Image.fromarray(mask_utils.decode(rle) * np.uint8(255), "L")
@@ -464,7 +463,7 @@ class BoxDataset(torch.utils.data.Dataset):
         img, _ = self._image(k)
         if img is None:
             return self._invalid(i)
-        box = _clip_box(tuple(self.boxes[i]), *img.size)
+        box = _clip_box(self._box(i), *img.size)
         if self.train:
             g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, i))
             crop_box = mal.expand_box(box, self.theta, generator=g)  # §3.1 random expansion
@@ -494,11 +493,24 @@ class BoxDataset(torch.utils.data.Dataset):
             if aug is not crop_pil:
                 image = _pil_to_tensor(aug)
         out = dict(image=image, teacher_image=teacher, box_mask=mask, valid=True,
-                   ann_id=int(self.ann_ids[i]), image_id=int(self.image_ids[k]), index=i,
+                   ann_id=int(self.index.ann_id[self.rows[i]]), image_id=int(self.image_ids[k]), index=i,
                    crop_box=torch.tensor(crop_used, dtype=torch.float64), flipped=flipped)
         if self.gt_masks:
             out["gt_mask"] = self._gt_mask(i, crop_used, flipped)
         return out
+
+
+class _FileNames:
+    """The index's image file names as a sequence, each read when asked."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __len__(self):
+        return self.index.n_images
+
+    def __getitem__(self, k):
+        return self.index.file_name(int(k))
 
 
 class ImageGroupedSampler(torch.utils.data.Sampler):
@@ -560,12 +572,13 @@ class ImageCrops(NamedTuple):
 
 
 class ImageBoxes(torch.utils.data.Dataset):
-    """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: list of
-    dicts (id, file_name, width, height); boxes_by_image: image_id -> list of (ann_id, bbox_xywh).
-    Crops use mal.expand_box_fixed(box, t), no flip."""
+    """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: a sequence
+    of dicts (id, file_name, width, height); boxes_by_image: anything whose get(image_id, []) gives
+    that image's annotations (dicts with id and bbox, xywh), e.g. coco.BoxesByImage. Crops use
+    mal.expand_box_fixed(box, t), no flip."""
 
     def __init__(self, images, boxes_by_image, image_dir, size=512, t=0.2):
-        self.images, self.boxes_by_image = list(images), boxes_by_image
+        self.images, self.boxes_by_image = images, boxes_by_image
         self.image_dir, self.size, self.t = os.fspath(image_dir), int(size), float(t)
 
     def __len__(self):
@@ -574,7 +587,7 @@ class ImageBoxes(torch.utils.data.Dataset):
     def __getitem__(self, k):
 
         entry = self.images[k]
-        boxes = list(self.boxes_by_image.get(entry["id"], []))
+        boxes = [(a["id"], a["bbox"]) for a in self.boxes_by_image.get(entry["id"], [])]
         path = os.path.join(self.image_dir, entry["file_name"])
         W, H = entry.get("width"), entry.get("height")
         img, error = None, None

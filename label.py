@@ -11,6 +11,10 @@ output is byte-identical to an uninterrupted run; Ctrl-C or SIGTERM also keeps t
 hand whose batch has run. No box is lost silently: one that cannot be labeled
 keeps its box, gets no `segmentation`, and is listed with its reason in OUT's .report.json.
 
+Memory does not grow with the input beyond ~100 bytes a box: the boxes are read once into a box index
+cached beside the JSON (coco.box_index, mapped by every rank), and OUT, its report and review list are
+written entry by entry from the chunks.
+
 Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object (predictor.mask_score);
 OUT's .review.json lists the masks lowest score first, --review N draws the N lowest for a person to
 check, and --eval says how well the score ranks the masks by their true IoU.
@@ -18,6 +22,7 @@ check, and --eval says how well the score ranks the masks by their true IoU.
 The label-time settings come from the checkpoint (recipes.LabelSettings) unless given as flags.
 """
 import argparse
+import array
 import collections
 import dataclasses
 import hashlib
@@ -28,8 +33,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 import coco
@@ -91,7 +98,8 @@ def read_results(path):
 
 
 def write_results(path, k, results):
-    util.write_json(path, {"chunk": k, "results": {str(a): r for a, r in sorted(results.items())}})
+    chunk = {"chunk": int(k), "results": {str(a): r for a, r in sorted(results.items())}}
+    util.atomic_write(path, json.dumps(chunk, separators=(",", ":")).encode("ascii"))  # the C encoder: fast
 
 
 side_file = util.side_file  # labels.json -> labels<suffix>
@@ -287,25 +295,50 @@ def open_parts(args, d, n_chunks):
     return parts, done
 
 
-def label_chunks(args, d, settings, boxes, chunks, mine, parts, stop):
-    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done. On SIGINT or
-    SIGTERM (stop), the boxes done in the chunk at hand go to its .partial.json, all but less than a
-    batch, and a rerun labels only the rest."""
+def select_boxes(args, d):
+    """The box index of --json (built by rank 0 when it is not cached), the rows the output holds
+    (those --score-thr keeps), those among them that can be labeled, and the image rows that have
+    some, by image id: the chunks are blocks of these."""
+    if d.rank == 0:
+        coco.box_index(args.json, args.images_json)
+    util.barrier(d)
+    index = coco.box_index(args.json, args.images_json)
+    kept = np.ones(len(index), dtype=bool)
+    if args.score_thr is not None:  # only boxes that carry a score are filtered
+        kept = np.isnan(index.ann_score) | (index.ann_score >= args.score_thr)
+    labelable = kept & index.labelable()
+    img_rows = np.unique(index.ann_img_row[labelable])
+    return index, kept, labelable, img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
+
+
+def label_chunks(args, d, settings, index, labelable, img_rows, mine, parts, stop):
+    """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done; the images
+    and their boxes are read from the index as the loader reaches them. On SIGINT or SIGTERM (stop), the
+    boxes done in the chunk at hand go to its .partial.json, all but less than a batch, and a rerun
+    labels only the rest."""
     nets = predictor.build_nets(predictor.load_checkpoint(args.ckpt), settings.net, d.device, args.ckpt)
     kept = {k: read_results(partial_path(parts, k)) for k in mine}
-    todo = {i: [a for a in boxes.todo[i] if a["id"] not in kept[k]] for k in mine for i in chunks[k]}
-    order = [i for k in mine for i in chunks[k] if todo[i]]
-    groups = [k for k in mine for i in chunks[k] if todo[i]]
-    prog = Progress(len(order), sum(len(todo[i]) for i in order),
+    todo = labelable.copy()
+    done = [a for r in kept.values() for a in r]
+    if done:
+        todo[index.rows_of_ids(done)] = False
+    per_image = np.bincount(index.ann_img_row[todo], minlength=index.n_images)
+    blocks = [img_rows[k * args.chunk_images:(k + 1) * args.chunk_images] for k in mine]
+    blocks = [b[per_image[b] > 0] for b in blocks]  # images with boxes left
+    for k, b in zip(mine, blocks):
+        if not len(b):  # a stopped run had finished all its boxes
+            write_results(chunk_path(parts, k), k, kept[k])
+    order = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+    groups = np.repeat(np.asarray(mine, dtype=np.int64), [len(b) for b in blocks])
+    prog = Progress(len(order), int(per_image[order].sum()),
                     "label" if d.world == 1 else f"label[rank {d.rank}]", quiet=args.quiet)
     stream = predictor.LabelStream(nets, settings, d.device, batch_size=args.batch_size, threads=args.threads,
                                    progress=prog)
-    for k in sorted(set(mine) - set(groups)):  # a stopped run had finished all its boxes
-        write_results(chunk_path(parts, k), k, kept[k])
     written = 0
     stop.looping, stop.rank = True, d.rank
-    for k, res in stream.run([boxes.images[i] for i in order], {i: todo[i] for i in order}, args.images,
+    for k, res in stream.run(coco.ImageEntries(index, order), coco.BoxesByImage(index, todo), args.images,
                              groups=groups, workers=args.workers, stop=lambda: stop.signum):
+        k = int(k)
         write_results(partial_path(parts, k) if k == stream.partial else chunk_path(parts, k), k,
                       {**kept[k], **res})
         written += len(res)
@@ -315,61 +348,100 @@ def label_chunks(args, d, settings, boxes, chunks, mine, parts, stop):
     prog.update(force=True)
     if stop.signum:
         stop.exit(stop.signum, f"{written} more boxes labeled, kept in {parts}")
-def merge_chunks(boxes, n_chunks, parts):
-    """{ann_id: result} of every annotation: the chunks' and the boxes that could not be labeled."""
-    results = {}
-    for k in range(n_chunks):
-        p = chunk_path(parts, k)
-        if not os.path.exists(p):
-            raise util.InputError(f"{p} missing after all ranks finished (a rank failed?); rerun to resume")
-        with open(p) as f:
-            results.update({int(a): r for a, r in json.load(f)["results"].items()})
-    for aid, why in boxes.problems.items():
-        results[aid] = {"reason": why}
-    missing = [a["id"] for a in boxes.anns if a["id"] not in results]
-    if missing:
-        raise RuntimeError(f"annotations {missing[:10]} got no result")
-    return results
 
 
-def write_outputs(args, boxes, results):
-    """OUT, OUT.review.json and OUT.report.json; returns (the output, its review list, the report)."""
-    out = coco.apply_labels(boxes.out, boxes.anns, results, args.unlabeled_as)
-    unlabeled, given = [], collections.Counter()
-    for a in out["annotations"]:
-        if "reason" in results[a["id"]]:
-            u = {"id": a["id"], "image_id": a["image_id"], "reason": results[a["id"]]["reason"]}
-            if args.unlabeled_as == "box":  # the mask it got instead of MAL's
-                u["mask"] = ("none: image size unknown" if "segmentation" not in a
-                             else "filled box" if a["area"] else "empty")
-                given[u["mask"]] += 1
-            unlabeled.append(u)
-    empty = [a["id"] for a in out["annotations"]
-             if a.get("area") == 0 and "segmentation" in a and "reason" not in results[a["id"]]]
-    n_boxes = len(boxes.anns)
-    summary = {"input": args.json, "boxes": n_boxes, "labelable": n_boxes - len(boxes.problems),
-               "labeled": n_boxes - len(unlabeled), "unlabeled": len(unlabeled), "empty_masks": len(empty),
-               "filtered_by_score": boxes.n_filtered}
-    if given:
-        summary["unlabeled_masks"] = dict(given)
-    util.write_json(args.out, out)
-    review = evaluation.review_list(out)
-    util.write_json(side_file(args.out, ".review.json"), review)
-    report = {"summary": summary, "unlabeled": unlabeled, "empty_masks": empty}
-    util.write_json(side_file(args.out, ".report.json"), report)
-    return out, review, report
+class ChunkResults:
+    """The chunks' results gathered into one file (OUT.parts/results.bin), read back by index row:
+    get(row) is that box's result, None where it has none (it was not labelable)."""
+
+    def __init__(self, index, labelable, n_chunks, parts):
+        self.offsets = np.full(len(index), -1, dtype=np.int64)
+        self.lengths = np.zeros(len(index), dtype=np.int32)
+        self.path, pos = os.path.join(parts, "results.bin"), 0
+        with open(self.path, "wb") as f:
+            for k in range(n_chunks):
+                p = chunk_path(parts, k)
+                if not os.path.exists(p):
+                    raise util.InputError(f"{p} missing after all ranks finished (a rank failed?); rerun to "
+                                          f"resume")
+                with open(p) as g:
+                    res = json.load(g)["results"]
+                for row, r in zip(index.rows_of_ids([int(a) for a in res]), res.values()):
+                    b = json.dumps(r, separators=(",", ":")).encode("ascii")
+                    f.write(b)
+                    self.offsets[row], self.lengths[row] = pos, len(b)
+                    pos += len(b)
+        missing = labelable & (self.offsets < 0)
+        if missing.any():
+            raise RuntimeError(f"annotations {index.ann_id[missing][:10].tolist()} got no result")
+        self.f = open(self.path, "rb", buffering=0)
+
+    def get(self, row):
+        if self.offsets[row] < 0:
+            return None
+        return json.loads(os.pread(self.f.fileno(), int(self.lengths[row]), int(self.offsets[row])).decode())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
-def write_extras(args, d, boxes, out, review):
-    """--eval, then --vis, --review and --format (export.write_requested, as export.py)."""
+def write_outputs(args, index, kept, labelable, results):
+    """OUT, OUT.review.json and OUT.report.json, each written entry by entry; returns the report's summary."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    given, empty, n_unlabeled = collections.Counter(), array.array("q"), 0
+    scored = {k: array.array(t) for k, t in (("id", "q"), ("image_id", "q"), ("mask_score", "d"))}
+    with util.atomic_file(args.out, "w") as f, tempfile.TemporaryFile("w+", dir=args.out + ".parts") as spool:
+        for a, r in coco.write_labels(f, index, np.flatnonzero(kept), results.get, args.unlabeled_as):
+            if "reason" in r:
+                u = {"id": a["id"], "image_id": a["image_id"], "reason": r["reason"]}
+                if args.unlabeled_as == "box":  # the mask it got instead of MAL's
+                    u["mask"] = ("none: image size unknown" if "segmentation" not in a
+                                 else "filled box" if a["area"] else "empty")
+                    given[u["mask"]] += 1
+                spool.write(("," if n_unlabeled else "") + dumps(u))
+                n_unlabeled += 1
+            elif a.get("area") == 0 and "segmentation" in a:
+                empty.append(a["id"])
+            if "mask_score" in a:
+                for k, v in scored.items():
+                    v.append(a[k])
+        n_boxes = int(kept.sum())
+        summary = {"input": args.json, "boxes": n_boxes, "labelable": int(labelable.sum()),
+                   "labeled": n_boxes - n_unlabeled, "unlabeled": n_unlabeled, "empty_masks": len(empty),
+                   "filtered_by_score": len(index) - n_boxes}
+        if given:
+            summary["unlabeled_masks"] = dict(given)
+        with util.atomic_file(side_file(args.out, ".report.json"), "w") as g:
+            g.write('{"summary":' + dumps(summary) + ',"unlabeled":[')
+            spool.seek(0)
+            shutil.copyfileobj(spool, g)
+            g.write('],"empty_masks":[' + ",".join(str(i) for i in empty) + "]}")
+    ids, image_ids, scores = (np.frombuffer(scored[k], t) for k, t in (("id", np.int64),
+                                                                        ("image_id", np.int64),
+                                                                        ("mask_score", np.float64)))
+    with util.atomic_file(side_file(args.out, ".review.json"), "w") as g:  # lowest score first, then by id
+        for n, i in enumerate(np.lexsort((ids, scores))):
+            g.write(("[" if n == 0 else ",") + dumps({"id": int(ids[i]), "image_id": int(image_ids[i]),
+                                                      "mask_score": float(scores[i])}))
+        g.write("]" if len(ids) else "[]")
+    return summary
+
+
+def write_extras(args, d, index, out, review):
+    """--eval, then --vis, --review and --format (export.write_requested, as export.py), on OUT and its
+    review list (read back whole: these are for sets a person looks at)."""
     if args.eval:
-        if boxes.gt is None:
+        if not index.has_gt:
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
         else:
-            r = evaluation.evaluate(boxes.gt, out, match_ids=boxes.kind == "instances")
+            gt = util.read_json(args.json if index.kind == "instances" else args.images_json, "GT JSON")
+            r = evaluation.evaluate(gt, out, match_ids=index.kind == "instances")
             net = predictor.build_nets(predictor.load_checkpoint(args.ckpt), "task", d.device, args.ckpt)[0]
-            r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, boxes.gt,
-                                                                                  args.images, d.device)
+            r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, gt, args.images,
+                                                                                  d.device)
             util.write_json(side_file(args.out, ".eval.json"), r)
             print(evaluation.format_eval(r))
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
@@ -379,10 +451,10 @@ def write_extras(args, d, boxes, out, review):
                            vis=args.vis, vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
 
 
-def summary_line(args, report, t0):
-    """The last line of the output: what was written, and the unlabeled count. Labelable: the boxes that
-    passed the box checks (the progress lines' total); those whose image then failed are unlabeled too."""
-    s = report["summary"]
+def summary_line(args, s, t0):
+    """The last line of the output: what was written, and the unlabeled count (s: the report's summary).
+    Labelable: the boxes that passed the box checks (the progress lines' total); those whose image then
+    failed are unlabeled too."""
     given = s.get("unlabeled_masks", {})
     return (f"label.py: wrote {args.out}: {s['boxes']} boxes ({s['labelable']} labelable): "
             f"{s['labeled']} labeled ({s['empty_masks']} empty masks), {s['unlabeled']} unlabeled"
@@ -395,23 +467,24 @@ def summary_line(args, report, t0):
 
 def run(args, d, settings, t0, stop):
     """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0)."""
-    boxes = coco.load_boxes(args.json, args.images_json, args.score_thr)
-    ids = sorted(boxes.todo)
-    chunks = [ids[i:i + args.chunk_images] for i in range(0, len(ids), args.chunk_images)]
-    parts, done = open_parts(args, d, len(chunks))
-    mine = [k for k in range(len(chunks)) if k not in done][d.rank::d.world]
+    index, kept, labelable, img_rows = select_boxes(args, d)
+    n_chunks = -(-len(img_rows) // args.chunk_images)
+    parts, done = open_parts(args, d, n_chunks)
+    mine = [k for k in range(n_chunks) if k not in done][d.rank::d.world]
     if mine:
-        label_chunks(args, d, settings, boxes, chunks, mine, parts, stop)
+        label_chunks(args, d, settings, index, labelable, img_rows, mine, parts, stop)
     util.barrier(d)
     if d.rank != 0:
         return 0
-    results = merge_chunks(boxes, len(chunks), parts)
-    out, review, report = write_outputs(args, boxes, results)
+    with ChunkResults(index, labelable, n_chunks, parts) as results:
+        summary = write_outputs(args, index, kept, labelable, results)
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
-    write_extras(args, d, boxes, out, review)
-    print(summary_line(args, report, t0), file=sys.stderr, flush=True)
-    return report["summary"]["unlabeled"]
+    if args.eval or args.vis or args.review or args.format != "coco":
+        out = util.read_json(args.out, "--out")
+        write_extras(args, d, index, out, util.read_json(side_file(args.out, ".review.json"), "review list"))
+    print(summary_line(args, summary, t0), file=sys.stderr, flush=True)
+    return summary["unlabeled"]
 
 
 def main(argv=None):

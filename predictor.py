@@ -117,6 +117,11 @@ def _paste_batch(prob, score, event, metas, thr):
     return out
 
 
+def _as_is(item):
+    """The loader's collate_fn: an ImageCrops holds tensors already (default_convert would walk it)."""
+    return item
+
+
 class _Group(NamedTuple):
     key: object
     results: dict  # {ann_id: {'reason'}} for the boxes without a crop; the pastes add the others
@@ -124,7 +129,8 @@ class _Group(NamedTuple):
 
 
 class LabelStream:
-    """Labels the boxes `todo` {image_id: [ann, ...]} of `images` (image dicts, in this order) with
+    """Labels the boxes `todo` {image_id: [ann, ...]} (read with get() only, one image at a time, so it
+    may be coco.BoxesByImage) of `images` (image dicts, a sequence in this order) with
     `nets` (any callables: normalised float [B,3,S,S] -> logits [B,h,w]) and a LabelSettings.
 
     run() yields (group, {ann_id: {'segmentation', 'area', 'mask_score'} or {'reason'}}) as each
@@ -144,11 +150,9 @@ class LabelStream:
     def run(self, images, todo, image_dir, groups=None, workers=0, stop=None):
         groups = groups if groups is not None else [0] * len(images)
         self.partial = None
-        boxes = {iid: [(a["id"], a["bbox"]) for a in anns] for iid, anns in todo.items()}
-        ds = data.ImageBoxes(images, boxes, image_dir, self.size, t=self.settings.expand)
+        ds = data.ImageBoxes(images, todo, image_dir, self.size, t=self.settings.expand)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                             prefetch_factor=4 if workers else None)
-        self._boxes = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for anns in todo.values() for a in anns}
+                                             prefetch_factor=4 if workers else None, collate_fn=_as_is)
         self._pool = ThreadPoolExecutor(max(1, self.threads))
         self._buf = []  # (crop [3,S,S] u8, box mask [S,S], meta) waiting for a full batch
         self._finished = collections.deque()  # groups whose pastes may still be running
@@ -178,14 +182,15 @@ class LabelStream:
             raise RuntimeError(f"data order mismatch at image {im['id']}")
         ids = [int(a) for a in item.ann_ids]
         bad = {int(a): why for a, why in item.bad}
-        failed = [a["id"] for a in todo.get(im["id"], []) if a["id"] not in ids]
+        box_of = {a["id"]: coco.xywh_to_xyxy(a["bbox"]) for a in todo.get(im["id"], [])}
+        failed = [aid for aid in box_of if aid not in ids]
         for aid in failed:  # every box without a crop gets its reason, never silence
             group.results[aid] = {"reason": bad.get(aid) or item.error or "no crop produced"}
         if ids:  # only a decoded image has crops; a failed one may have no size at all (JSON w/h optional)
             H, W = int(item.height), int(item.width)  # the decoded size (== the JSON's, else error)
         for j, aid in enumerate(ids):
             cb = tuple(float(v) for v in item.crop_boxes[j])
-            self._buf.append((item.crops[j], item.box_masks[j], (aid, cb, self._boxes[aid], H, W)))
+            self._buf.append((item.crops[j], item.box_masks[j], (aid, cb, box_of[aid], H, W)))
         while len(self._buf) >= self.batch_size:
             self._run_batch(self._buf[:self.batch_size], group)
             del self._buf[:self.batch_size]

@@ -1,10 +1,14 @@
-"""coco.py: mask pasting and RLE against the crop mapping, reading boxes, the labeled output."""
+"""coco.py: mask pasting and RLE against the crop mapping, reading boxes, the box index, the labeled
+output."""
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 import coco
 import data
@@ -91,7 +95,7 @@ def test_non_integer_ids_are_rejected_by_name(tmp_path):
         src[where][-1][key] = value
         (tmp_path / "b.json").write_text(json.dumps(src))
         with pytest.raises(util.InputError, match=msg):
-            coco.load_boxes(str(tmp_path / "b.json"))
+            coco.box_index(str(tmp_path / "b.json"))
 
 
 def test_unlabeled_boxes_can_get_their_filled_box():
@@ -115,3 +119,161 @@ def test_unlabeled_boxes_can_get_their_filled_box():
         m = mask_utils.decode({"size": a["segmentation"]["size"],
                                "counts": a["segmentation"]["counts"].encode()})
         assert m.shape == (8, 10) and m.sum() == 0 and a["area"] == 0
+
+
+def coco_doc(rng, n_images=6, n_anns=40):
+    """An instances dict with the boxes box_problem sorts out: non-finite, zero-size, outside, covering
+    no pixel centre, not 4 numbers, on an image of unknown size, on an image not listed."""
+    images = [dict(id=int(i), file_name=f"im{i}é.png", width=int(rng.integers(5, 30)),
+                   height=int(rng.integers(5, 30))) for i in rng.permutation(np.arange(10, 10 + n_images))]
+    images[0].pop("width")
+    images[1]["width"] = 0
+    anns = []
+    for k in range(n_anns):
+        x, y = (float(v) for v in rng.uniform(-5, 30, 2).round(rng.integers(0, 3)))
+        w, h = (float(v) for v in rng.choice([0.0, 0.3, 1.0, 4.5, 12.0, -1.0], 2))
+        a = dict(id=int(1000 - 7 * k), image_id=int(rng.integers(9, 12 + n_images)), category_id=k % 3,
+                 bbox=[x, y, w, h], iscrowd=int(k % 9 == 0), extra={"note": "ü", "k": [k, 0.1 * k]})
+        if k % 5 == 0:
+            a["area"] = float(k)
+        if k % 7 == 0:
+            a["segmentation"] = [[1, 1, 4, 1, 4, 4]]
+        anns.append(a)
+    for k, b in enumerate((None, [1, 2, 3], ["1", 2, 3, 4], [1, 2, "x", 4], [float("nan"), 1, 2, 2],
+                           [float("inf"), 1, 2, 2], [True, 0, 2, 2])):
+        anns.append(dict(id=5000 + k, image_id=images[3]["id"], category_id=1, bbox=b))
+    return dict(info={"year": 2026}, images=images, licenses=[], annotations=anns, categories=[{"id": 1}])
+
+
+def test_box_index_round_trips_the_json_and_sorts_boxes_like_box_problem(tmp_path, monkeypatch):
+    """Every column, image entry and annotation of the index is the JSON's; labelable() agrees with
+    box_problem box by box; reading in blocks of 7 characters (values cut anywhere) gives the same index."""
+    src = coco_doc(np.random.default_rng(0))
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(src, indent=1))
+    ix = coco.box_index(str(path))
+    assert ix.path == str(path) + ".index" and os.path.exists(ix.path)
+    assert ix.kind == "instances" and ix.has_gt
+    assert ix.head == {"info": {"year": 2026}, "licenses": [], "categories": [{"id": 1}]}
+    assert ix.head_keys == ["info", "images", "licenses", "annotations", "categories"]
+    assert [ix.image(k) for k in range(ix.n_images)] == src["images"]
+    assert [ix.file_name(k) for k in range(ix.n_images)] == [im["file_name"] for im in src["images"]]
+    assert json.dumps([ix.annotation(r) for r in range(len(ix))]) == json.dumps(src["annotations"])  # NaN too
+    ids = {im["id"]: k for k, im in enumerate(src["images"])}
+    assert ix.ann_img_row.tolist() == [ids.get(a["image_id"], -1) for a in src["annotations"]]
+    assert ix.ann_id.tolist() == [a["id"] for a in src["annotations"]]
+    assert ix.rows_of_ids([a["id"] for a in src["annotations"]][::-1]).tolist() == list(range(len(ix)))[::-1]
+    for k in range(ix.n_images):  # the per-image table: each image's rows, in input order
+        rows = ix.ann_by_image[ix.img_start[k]:ix.img_start[k + 1]].tolist()
+        assert rows == [r for r, a in enumerate(src["annotations"])
+                        if a["image_id"] == src["images"][k]["id"]]
+    ok = ix.labelable()
+    images = {im["id"]: im for im in src["images"]}
+    for r, a in enumerate(src["annotations"]):
+        why = (f"image_id {a['image_id']} not in images" if a["image_id"] not in images
+               else coco.box_problem(a, images[a["image_id"]]))
+        assert ok[r] == (why is None) and ix.unlabelable_reason(r) == why, (a, why)
+    assert 0 < ok.sum() < len(ok) - 10
+    monkeypatch.setattr(coco, "READ_BLOCK", 7)
+    small = coco._build(str(path), None, "--json", None)
+    for name, a in small.arrays().items():
+        assert np.array_equal(a, getattr(ix, name), equal_nan=True), name
+    assert pickle.loads(pickle.dumps(ix)).annotation(3) == src["annotations"][3]  # travels as its path
+
+
+def test_box_index_cache_is_rebuilt_when_the_json_changes_or_the_cache_is_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "b.json"
+    src = coco_doc(np.random.default_rng(1), n_anns=10)
+    path.write_text(json.dumps(src))
+    first = coco.box_index(str(path))
+    inode = os.stat(first.path).st_ino
+    assert os.stat(coco.box_index(str(path)).path).st_ino == inode  # opened, not rebuilt
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # same size, another mtime: rebuilt
+    assert os.stat(coco.box_index(str(path)).path).st_ino != inode
+    src["annotations"][0]["bbox"] = [1, 1, 2, 2]
+    path.write_text(json.dumps(src))  # another size
+    assert coco.box_index(str(path)).annotation(0)["bbox"] == [1, 1, 2, 2]
+    with open(first.path, "rb") as f:
+        data = f.read()
+    for bad in (data[:len(data) // 2], b"garbage", data[:40] + b"x" + data[41:], b""):
+        with open(first.path, "wb") as f:
+            f.write(bad)
+        ix = coco.box_index(str(path))
+        assert json.dumps([ix.annotation(r) for r in range(len(ix))]) == json.dumps(src["annotations"])
+    # A folder that cannot be written: the index goes to MAL_CACHE_DIR.
+    os.remove(first.path)
+    monkeypatch.setenv("MAL_CACHE_DIR", str(tmp_path / "cache"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: real_access(p, m) and os.path.realpath(p) != str(tmp_path))
+    ix = coco.box_index(str(path))
+    assert os.path.dirname(ix.path) == str(tmp_path / "cache") and not os.path.exists(first.path)
+    assert ix.ann_id.tolist() == [a["id"] for a in src["annotations"]]
+
+
+def test_box_index_bad_input_is_one_line_naming_the_file_and_place(tmp_path):
+    """Not JSON: json's own message and place; not COCO: the key or entry, as load_boxes named them."""
+    cases = [('{"images": [] "annotations": []}', None),
+             ('{"images": [], "annotations": [\n{"id": 1,}]}', None),
+             ('', None), ('{"images": [], "annotations": []} x', None),
+             ('\n\n  {"images": [],\n "annotations": [tru]}', None),
+             ('{"images": [{"id": 1}], "annotations": [{"id": 1}]}',
+              "annotation #0 lacks 'id' or 'image_id'"),
+             ('{"images": [{"id": "a"}], "annotations": []}', "image #0 has a non-integer id 'a'"),
+             ('{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1}, {"id": 1, "image_id": 1}]}',
+              "annotation ids are not unique"),
+             ('{"annotations": []}', "no 'images' key"), ('7', "holds a int, neither"),
+             ('[{"image_id": 1, "bbox": [1, 1, 2, 2]}]', "is a COCO results list; pass --images-json"),
+             ('{"images": {}, "annotations": []}', "'images' is not a list")]
+    for text, msg in cases:
+        (tmp_path / "e.json").write_text(text)
+        if msg is None:
+            with pytest.raises(json.JSONDecodeError) as e:
+                json.loads(text)
+            msg = f"not valid JSON ({e.value.msg} at line {e.value.lineno}, column {e.value.colno})"
+        with pytest.raises(util.InputError) as e:
+            coco.box_index(str(tmp_path / "e.json"))
+        assert msg in str(e.value) and "e.json" in str(e.value) and "\n" not in str(e.value), text
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(util.InputError, match=r"bin.json: not JSON \(not even text\)$"):
+        coco.box_index(str(tmp_path / "bin.json"))
+    with pytest.raises(util.InputError, match=r"^--json .*nothing.json: no such file$"):
+        coco.box_index(str(tmp_path / "nothing.json"))
+
+
+def test_results_list_index_and_streamed_output_equal_the_in_memory_output(tmp_path):
+    """A results list gets ids 1..N and iscrowd; write_labels writes byte for byte what json.dump of
+    apply_labels' dict writes (both --unlabeled-as choices), and pycocotools loads it."""
+    src = coco_doc(np.random.default_rng(2), n_anns=30)
+    (tmp_path / "b.json").write_text(json.dumps(src))
+    dets = [dict(image_id=a["image_id"], bbox=a["bbox"], score=0.5, category_id=1)
+            for a in src["annotations"][:9]]
+    dets[2]["iscrowd"] = 1
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    rix = coco.box_index(str(tmp_path / "d.json"), str(tmp_path / "b.json"))
+    assert rix.kind == "results" and rix.has_gt
+    assert rix.head_keys == ["info", "images", "licenses", "annotations", "categories"]
+    assert json.dumps([rix.annotation(r) for r in range(len(rix))]) == \
+        json.dumps([dict(d, id=i + 1, iscrowd=d.get("iscrowd", 0)) for i, d in enumerate(dets)])
+    ix = coco.box_index(str(tmp_path / "b.json"))
+    ok = ix.labelable()
+    results = {}
+    for r in np.flatnonzero(ok)[::2]:  # every other labelable box labeled, the others' images failed
+        m = coco.box_mask(coco.xywh_to_xyxy(src["annotations"][r]["bbox"]), 30, 30)
+        results[int(ix.ann_id[r])] = {"segmentation": coco.encode(m), "area": int(m.sum()),
+                                      "mask_score": 0.25 + r}
+    for r in np.flatnonzero(ok)[1::2]:
+        results[int(ix.ann_id[r])] = {"reason": "image failed"}
+    for unlabeled_as in ("none", "box"):
+        out = tmp_path / f"out-{unlabeled_as}.json"
+        rows = np.flatnonzero(ix.ann_iscrowd == 0)  # a subset, as --score-thr keeps one
+        with open(out, "w") as f:
+            written = list(coco.write_labels(f, ix, rows, lambda r: results.get(int(ix.ann_id[r])),
+                                             unlabeled_as))
+        anns = [src["annotations"][r] for r in rows]
+        problems = {a["id"]: {"reason": ix.unlabelable_reason(r)} for r, a in zip(rows, anns) if not ok[r]}
+        ref = coco.apply_labels({k: v for k, v in src.items() if k != "annotations"}, anns,
+                                {**results, **problems}, unlabeled_as)
+        assert out.read_text() == json.dumps(ref, separators=(",", ":"))
+        assert json.dumps([a for a, _ in written]) == json.dumps(ref["annotations"])
+        assert len(COCO(str(out)).getAnnIds()) == len(rows)

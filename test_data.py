@@ -1,5 +1,7 @@
 """data.py: image decoding, RoI crops, augmentations and the datasets."""
+import json
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -217,6 +219,30 @@ def test_dataset_skips_and_counts(tmp_path):
     assert data.BoxDataset(js, tmp_path, min_area=0).skipped["small_area"] == 0
 
 
+def test_dataset_reads_its_boxes_from_the_mapped_index(tmp_path):
+    """From a path the boxes come from the JSON's cached index (the same rows, skips and samples as
+    from the dict in memory), and the dataset travels to a spawned worker as the index's path."""
+    Image.new("RGB", (100, 80), (90, 40, 20)).save(tmp_path / "a.jpg")
+    anns = [ann(1, 1, [10, 10, 50, 50]), ann(2, 1, [10, 10, 50, 50], iscrowd=1), ann(3, 1, [0, 0, 0, 10]),
+            ann(4, 1, [150, 10, 10, 10]), ann(5, 7, [1, 1, 50, 50]), ann(6, 1, [90, 70, 40, 40]),
+            ann(7, 1, [99.8, 79.8, 0.1, 0.1])]  # on no pixel centre: still trained on, clipped
+    js = write_coco(tmp_path / "a.json", [dict(id=1, file_name="a.jpg", width=100, height=80)], anns)
+    mapped = data.BoxDataset(js, tmp_path, size=16, seed=2)
+    with open(js) as f:
+        in_memory = data.BoxDataset(json.load(f), tmp_path, size=16, seed=2)
+    assert mapped.index.path == js + ".index" and in_memory.index.path is None
+    assert mapped.ann_ids.tolist() == in_memory.ann_ids.tolist() == [1, 6, 7]
+    assert mapped.skipped == in_memory.skipped == dict(missing_image_entry=1, iscrowd=1, degenerate=1,
+                                                       outside_image=1, small_area=0)
+    assert np.array_equal(mapped.boxes, [[10, 10, 60, 60], [90, 70, 130, 110],
+                                         [99.8, 79.8, 99.8 + 0.1, 79.8 + 0.1]])
+    travelled = pickle.loads(pickle.dumps(mapped))
+    for i in range(len(mapped)):
+        a, b, c = mapped[i], in_memory[i], travelled[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert a["ann_id"] == c["ann_id"] and torch.equal(a["box_mask"], c["box_mask"])
+
+
 def test_missing_and_corrupt_images_are_invalid_not_raised(tmp_path, capsys):
     Image.new("RGB", (64, 48), (9, 9, 9)).save(tmp_path / "ok.jpg")
     raw = (tmp_path / "ok.jpg").read_bytes()
@@ -308,6 +334,7 @@ def test_image_boxes_reports_errors_and_bad_boxes(tmp_path):
     boxes = {1: [(1, [10, 10, 30, 20]), (2, [10, 10, 0, 20]), (3, [float("inf"), 1, 2, 2]),
                  (4, [200, 5, 5, 5]), (5, [90, 70, 50, 50])],
              2: [(6, [1, 1, 5, 5])], 3: [(7, [1, 1, 5, 5])], 4: [(8, [1, 1, 5, 5])]}
+    boxes = {i: [dict(id=a, bbox=b) for a, b in v] for i, v in boxes.items()}
     ds = data.ImageBoxes(images, boxes, tmp_path, size=24)
     it = ds[0]
     assert it.error is None and it.ann_ids.tolist() == [1, 5] and (it.width, it.height) == (100, 80)

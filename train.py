@@ -160,17 +160,17 @@ def check_inputs(args):
     for flag, path, folder in (("--train-json", args.train_json, args.images),
                                ("--val-json", args.val_json, args.val_images)):
         if path:
-            instances = coco.read_instances(path, flag)
+            index = coco.box_index(path, what=flag, results=False)  # what BoxDataset reads, cached
             if args.gt_masks or flag == "--val-json":
-                if not any("segmentation" in a for a in instances["annotations"]):
+                if not index.has_gt:
                     raise util.InputError(f"{flag} {path}: no annotation has a 'segmentation' "
                                           f"(GT masks are needed)")
-            files = [im.get("file_name", "") for im in instances["images"] if isinstance(im, dict)]
-            missing = sum(not os.path.isfile(os.path.join(folder, f)) for f in files)
-            if missing == len(files):
-                raise util.InputError(f"{flag} {path}: none of its {len(files)} images is under {folder}")
+            n = index.n_images
+            missing = sum(not os.path.isfile(os.path.join(folder, index.file_name(k))) for k in range(n))
+            if missing == n:
+                raise util.InputError(f"{flag} {path}: none of its {n} images is under {folder}")
             if missing:
-                print(f"train.py: {flag} {path}: {missing} of its {len(files)} images are missing "
+                print(f"train.py: {flag} {path}: {missing} of its {n} images are missing "
                       f"under {folder}; their boxes will be skipped", file=sys.stderr)
 
 
