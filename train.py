@@ -57,9 +57,10 @@ def _flags(p):
       help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
     g("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
     g("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
-    g("--init", help="pretrained encoder: a file (MAE, DeiT, DeiT III, DINOv2, timm or a MAL checkpoint) or "
-                     "a public encoder's name (downloaded once: " + ", ".join(recipes.PRETRAINED) + "); it "
-                     "decides --arch, --patch-size and --depth (--depth may keep fewer blocks)")
+    g("--init", help="pretrained encoder: a file (MAE, DeiT, DeiT III, DINOv2, timm or a MAL checkpoint) "
+                     "or a public encoder's name, downloaded once (mae_vit_{base,large,huge}, "
+                     "deit_{tiny,small,base}, dinov2_vit{s,b,l,g}14[_reg4]); it decides --arch, --patch-size "
+                     "and --depth (--depth may keep fewer blocks)")
     g("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
     g = p.add_argument_group("optimisation").add_argument
     g("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
