@@ -102,9 +102,6 @@ def write_results(path, k, results):
     util.atomic_write(path, json.dumps(chunk, separators=(",", ":")).encode("ascii"))  # the C encoder: fast
 
 
-side_file = util.side_file  # labels.json -> labels<suffix>
-
-
 class Progress:
     """Prints 'images i/I boxes b/B (l labeled) r boxes/s ETA' to stderr every `every` seconds. B: the
     labelable boxes (those that passed the box checks), b: those done, labeled or not (their image failed)."""
@@ -207,7 +204,7 @@ def get_args(argv):
     # where --format's files go; the RLE labels (and their side files) go to args.out
     args.export_to = args.out
     if args.format == "coco-polygons":
-        args.out = side_file(args.out, ".rle.json")
+        args.out = util.side_file(args.out, ".rle.json")
     elif args.format in ("yolo", "png"):
         args.out = os.path.join(args.out, "labels.json")
     return args
@@ -364,9 +361,8 @@ class ChunkResults:
                 if not os.path.exists(p):
                     raise util.InputError(f"{p} missing after all ranks finished (a rank failed?); rerun to "
                                           f"resume")
-                with open(p) as g:
-                    res = json.load(g)["results"]
-                for row, r in zip(index.rows_of_ids([int(a) for a in res]), res.values()):
+                res = read_results(p)
+                for row, r in zip(index.rows_of_ids(list(res)), res.values()):
                     b = json.dumps(r, separators=(",", ":")).encode("ascii")
                     f.write(b)
                     self.offsets[row], self.lengths[row] = pos, len(b)
@@ -414,7 +410,7 @@ def write_outputs(args, index, kept, labelable, results):
                    "filtered_by_score": len(index) - n_boxes}
         if given:
             summary["unlabeled_masks"] = dict(given)
-        with util.atomic_file(side_file(args.out, ".report.json"), "w") as g:
+        with util.atomic_file(util.side_file(args.out, ".report.json"), "w") as g:
             g.write('{"summary":' + dumps(summary) + ',"unlabeled":[')
             spool.seek(0)
             shutil.copyfileobj(spool, g)
@@ -422,7 +418,8 @@ def write_outputs(args, index, kept, labelable, results):
     ids, image_ids, scores = (np.frombuffer(scored[k], t) for k, t in (("id", np.int64),
                                                                         ("image_id", np.int64),
                                                                         ("mask_score", np.float64)))
-    with util.atomic_file(side_file(args.out, ".review.json"), "w") as g:  # lowest score first, then by id
+    # lowest score first, then by id
+    with util.atomic_file(util.side_file(args.out, ".review.json"), "w") as g:
         for n, i in enumerate(np.lexsort((ids, scores))):
             g.write(("[" if n == 0 else ",") + dumps({"id": int(ids[i]), "image_id": int(image_ids[i]),
                                                       "mask_score": float(scores[i])}))
@@ -442,7 +439,7 @@ def write_extras(args, d, index, out, review):
             net = predictor.build_nets(predictor.load_checkpoint(args.ckpt), "task", d.device, args.ckpt)[0]
             r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, gt, args.images,
                                                                                   d.device)
-            util.write_json(side_file(args.out, ".eval.json"), r)
+            util.write_json(util.side_file(args.out, ".eval.json"), r)
             print(evaluation.format_eval(r))
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
@@ -459,7 +456,7 @@ def summary_line(args, s, t0):
     return (f"label.py: wrote {args.out}: {s['boxes']} boxes ({s['labelable']} labelable): "
             f"{s['labeled']} labeled ({s['empty_masks']} empty masks), {s['unlabeled']} unlabeled"
             + (f" (masks: {', '.join(f'{c} {k}' for k, c in given.items())})" if given else "")
-            + (f", reasons in {side_file(args.out, '.report.json')}" if s["unlabeled"] else "")
+            + (f", reasons in {util.side_file(args.out, '.report.json')}" if s["unlabeled"] else "")
             + (f"; {s['filtered_by_score']} below --score-thr dropped" if s["filtered_by_score"] else "")
             + f"; {time.time() - t0:.1f}s"
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
@@ -482,7 +479,8 @@ def run(args, d, settings, t0, stop):
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
         out = util.read_json(args.out, "--out")
-        write_extras(args, d, index, out, util.read_json(side_file(args.out, ".review.json"), "review list"))
+        review = util.read_json(util.side_file(args.out, ".review.json"), "review list")
+        write_extras(args, d, index, out, review)
     print(summary_line(args, summary, t0), file=sys.stderr, flush=True)
     return summary["unlabeled"]
 

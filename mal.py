@@ -330,11 +330,11 @@ def read_pretrained(path):
     return enc, dec
 
 
-def pretrained_arch(path):
-    """What a pretrained file's encoder is, read off its tensors: dict(arch, patch_size, depth), arch
-    the VIT_CONFIGS name of its width, LayerScale and register tokens (DINOv2 or DeiT III by the patch
-    where both fit). A one-line error for a file that holds no ViT of a known width."""
-    enc, _ = read_pretrained(path)
+def pretrained_arch(enc, path):
+    """What a pretrained file's encoder (enc: read_pretrained's encoder weights of the file at path) is,
+    read off its tensors: dict(arch, patch_size, depth), arch the VIT_CONFIGS name of its width,
+    LayerScale and register tokens (DINOv2 or DeiT III by the patch where both fit). A one-line error
+    for a file that holds no ViT of a known width."""
     proj = enc.get("patch_embed.proj.weight")
     blocks = {int(m.group(1)) for k in enc if (m := re.match(r"blocks\.(\d+)\.", k))}
     if proj is None or proj.dim() != 4 or not blocks:
@@ -352,15 +352,15 @@ def pretrained_arch(path):
     return dict(arch=arch, patch_size=patch, depth=max(blocks) + 1)
 
 
-def load_pretrained(model, path):
+def load_pretrained(model, path, weights=None):
     """Load MAE / DeiT / DeiT III / DINOv2 / timm / MAL weights into a VisionTransformer (or a MAL
-    model's encoder), as read_pretrained reads them.
+    model's encoder), as read_pretrained reads them (weights: what it read from path already).
 
     Resamples pos_embed to the model's grid (giving it a zero class-token slot where the file has
     none), and raises a one-line error naming the file and the architecture when the weights do not
     fit it (tensor shapes, LayerScale, register tokens). A MAL checkpoint given to a MAL model loads
     both encoder and decoder (teacher weights). Prints what was missing or unused."""
-    enc, dec = read_pretrained(path)
+    enc, dec = weights if weights is not None else read_pretrained(path)
     encoder = model.encoder if isinstance(model, MAL) else model
     arch = f"{encoder.arch}/{encoder.patch_size}"
     if "pos_embed" in enc:

@@ -289,17 +289,20 @@ def test_pretrained_arch_reads_the_encoder_off_its_tensors(arch, patch, tmp_path
     DeiT III (both LayerScale at width 384) are told apart by the patch; wrappers do not matter."""
     sd = mal.vit(arch, patch_size=patch, depth=2, img_size=2 * patch).state_dict()
     path = save({"model": {"module." + k: v for k, v in sd.items()}}, tmp_path / "w.pth")
-    assert mal.pretrained_arch(path) == dict(arch=arch, patch_size=patch, depth=2)
+    found = mal.pretrained_arch(mal.read_pretrained(path)[0], path)
+    assert found == dict(arch=arch, patch_size=patch, depth=2)
 
 
 def test_pretrained_arch_of_no_vit_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="no ViT encoder found") as e:
-        mal.pretrained_arch(save({"conv.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "cnn.pth"))
+        path = save({"conv.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "cnn.pth")
+        mal.pretrained_arch(mal.read_pretrained(path)[0], path)
     assert "\n" not in str(e.value)
     sd = mal.VisionTransformer(img_size=32, patch_size=16, embed_dim=96, depth=1, num_heads=2).state_dict()
     with pytest.raises(ValueError, match="a ViT of width 96 with no LayerScale, no register tokens: no "
                                          "architecture"):
-        mal.pretrained_arch(save(sd, tmp_path / "w96.pth"))
+        path = save(sd, tmp_path / "w96.pth")
+        mal.pretrained_arch(mal.read_pretrained(path)[0], path)
 
 
 def test_decoder_shapes_and_k_dot_v():

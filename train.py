@@ -178,13 +178,15 @@ def check_inputs(args):
 def encoder_from_init(args, d):
     """--init's file (a named encoder is downloaded by rank 0 first) and the encoder it holds: --arch,
     --patch-size and --depth left unset take the weights'; given, they must agree (--depth may keep
-    fewer blocks than the weights have)."""
+    fewer blocks than the weights have). Returns the weights as mal.read_pretrained reads them, read
+    once for make_model."""
     if d.rank == 0:
         recipes.pretrained_file(args.init)
     util.barrier(d)
     args.init = recipes.pretrained_file(args.init, download=False)
     try:
-        found = mal.pretrained_arch(args.init)
+        weights = mal.read_pretrained(args.init)
+        found = mal.pretrained_arch(weights[0], args.init)
     except util.InputError as e:
         raise util.InputError(f"--init {e}") from None
     for key in ("arch", "patch_size"):
@@ -200,6 +202,7 @@ def encoder_from_init(args, d):
     elif not 1 <= args.depth <= found["depth"]:
         raise util.InputError(f"--init {args.init}: its encoder has {found['depth']} blocks, --depth "
                               f"{args.depth} was given")
+    return weights
 
 
 def make_data(args, d):
@@ -216,8 +219,9 @@ def make_data(args, d):
                                                   f"{args.train_json}: {len(dataset)} usable boxes")
 
 
-def make_model(args, device, lr):
-    """The task network (§3.2), from --init's encoder when given, and its AdamW."""
+def make_model(args, device, lr, init=None):
+    """The task network (§3.2), from --init's encoder when given (init: its weights as read), and its
+    AdamW."""
     torch.manual_seed(args.seed)
     model_args = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,
                       drop_path=args.drop_path, depth=args.depth, decoder_dim=args.decoder_dim)
@@ -225,7 +229,7 @@ def make_model(args, device, lr):
     if args.init and not args.resume:
         # The input normalisation stays data.normalize's ImageNet mean/std: every encoder that
         # load_pretrained reads (MAE, DeiT, DeiT III, DINOv2, timm's ViTs) was trained with it.
-        mal.load_pretrained(net, args.init)
+        mal.load_pretrained(net, args.init, init)
     net.to(device)
     # No weight decay on norms, biases, LayerScale, the class and register tokens and the position embeddings.
     opt = util.adamw(net.named_parameters(), lr, weight_decay=args.weight_decay, betas=(0.9, 0.9),
@@ -414,8 +418,7 @@ def train(args, stop, demo_command):
         if args.demo_data and d.rank == 0:
             synthetic.make_demo(recipes.DEMO_ROOT)
         util.barrier(d)
-        if args.init:
-            encoder_from_init(args, d)
+        init = encoder_from_init(args, d) if args.init else None
         check_inputs(args)
         os.makedirs(args.out, exist_ok=True)
         dataset, sampler, steps_per_epoch = make_data(args, d)
@@ -423,7 +426,8 @@ def train(args, stop, demo_command):
             args.epochs = max(1, round(args.steps / steps_per_epoch)) if args.steps else 10
         global_batch = args.batch_size * args.accum * d.world
         peak_lr = args.lr_per_image * global_batch
-        net, model_args, opt = make_model(args, d.device, peak_lr)
+        net, model_args, opt = make_model(args, d.device, peak_lr, init)
+        del init  # the model holds it now
         ckpt_path = util.resume_path(args)
         ck = util.resume_state(ckpt_path, dict(vars(args), world=d.world, model_args=model_args), RESUME_KEYS,
                                "train.py") if ckpt_path else None
