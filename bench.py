@@ -25,6 +25,7 @@ import coco
 import crf_ext
 import data
 import mal
+import options
 import predictor
 import recipes
 import synthetic
@@ -129,9 +130,13 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
     variants = [("ours", True, True, False), ("naive", False, False, False)]
     for name, fused, kernel, compiled in variants + ([("ours, torch.compile", True, True, True)]
                                                      if compile else []):
-        mal.Attention.fused, mal.use_crf_kernel = fused, kernel
         torch.manual_seed(0)
         net = mal.MAL(arch, patch_size=p, img_size=S, depth=depth).to(device)
+        for m in net.modules():
+            if isinstance(m, mal.Attention):
+                m.fused = fused
+        # naive: the CRF's labels from the reference mean field, not the kernel
+        labels = None if kernel else (lambda avg, img, bm: mal.mean_field(img, avg, bm, iters=iters) > 0.5)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         teacher = mal.make_teacher(net)
@@ -147,8 +152,8 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
             with autocast:
                 with torch.no_grad():
                     t_logits = run_teacher(x)
-                loss, _ = mal.mal_loss(run_net(x), t_logits, x, box, 10 ** 6, loss_size=loss_size,
-                                       crf_iters=iters)
+                loss, _ = mal.mal_loss(run_net(x), t_logits, x, box, loss_size=loss_size, crf_iters=iters,
+                                       labels=labels)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -175,7 +180,6 @@ def train_rows(device, quick, repeats, batch, profile=False, compile=False):
         rows.append(dict(workload=f"train step {arch}/{p} {S}px B={batch} ({name})", unit="crops/s",
                          ours=batch / t, peak_mem_gib=mem, mfu=model_flops(net, S, batch) / t / rate,
                          note=f"first step {first:.1f} s"))
-    mal.Attention.fused, mal.use_crf_kernel = True, True
     for r in rows[:1] + rows[2:]:
         r.update(reference=rows[1]["ours"], ratio=r["ours"] / rows[1]["ours"])
     rows[0]["matmul_tflops"] = rate / 1e12
@@ -308,7 +312,7 @@ def bookkeeping_rows(quick):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=util.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=options.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, for CI and CPUs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")

@@ -41,9 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tiny_argv(tiny_set, out, *extra):
     return ["--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"], "--out", str(out),
             "--arch", "vit_tiny", "--depth", "1", "--patch-size", "8", "--img-size", "32",
-            "--decoder-dim", "16", "--batch-size", "4", "--min-area", "16", "--loss-size", "32",
-            "--crf-iters", "5", "--workers", "0", "--warmup-steps", "1", "--mil-ramp", "1", "--crf-ramp", "1",
-            "--drop-path", "0.1", "--device", "cpu", "--log-every", "0", *extra]
+            "--decoder-dim", "16", "--batch-size", "4", "--min-area", "16", "--workers", "0",
+            "--warmup-steps", "1", "--drop-path", "0.1", "--device", "cpu",
+            "--recipe", "loss_size=32", "crf_iters=5", "mil_ramp=1", "crf_ramp=1", "log_every=0", *extra]
 
 
 TINY = dict(arch="vit_tiny", patch_size=8, img_size=32, depth=1)

@@ -22,6 +22,7 @@ from PIL import Image, ImageFilter, ImageStat
 
 import coco
 import mal
+import options
 import util
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ class BoxDataset(torch.utils.data.Dataset):
     generator seeded by (seed, epoch, index): samples do not depend on num_workers or order. Call
     set_epoch(e) before creating each epoch's iterator (not compatible with persistent_workers:
     workers keep the dataset copy they were created with). Eval mode (train=False):
-    mal.expand_box_fixed(box, t), no flip, no augmentation; image IS teacher_image (same tensor).
+    mal.expand_box_fixed(box, expand), no flip, no augmentation; image IS teacher_image (same tensor).
 
     Unreadable images are only discovered in __getitem__, which never raises for them: it prints
     "data.py: skipping unusable image <path>: <reason>" to stderr once per file (per worker process;
@@ -309,7 +310,7 @@ class BoxDataset(torch.utils.data.Dataset):
     number as batch['n_invalid'], which is what the training loop should sum.
 
     Decoding: a small per-process LRU cache holds the last `cache_size` decoded images, so boxes of
-    one image read consecutively decode it once; use ImageGroupedSampler to get such an order.
+    one image read consecutively decode it once.
 
     gt_masks=True (train.py --gt-masks, the fully supervised upper bound) adds gt_mask (float [S,S]
     in [0, 1]): the annotation's segmentation cropped, resized and flipped exactly like the image.
@@ -320,11 +321,12 @@ class BoxDataset(torch.utils.data.Dataset):
     SKIP_REASONS = ("missing_image_entry", "iscrowd", "degenerate", "outside_image", "small_area")
 
     def __init__(self, ann_json, image_dir, size=512, train=True, min_area=0.0, theta=1.2, seed=0,
-                 t=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False, report=True):
+                 expand=0.2, color_aug=True, cache_size=4, check_size=True, gt_masks=False, report=True):
         self.index = (coco.index_of_dict(ann_json) if isinstance(ann_json, dict)
                       else coco.box_index(ann_json, what="COCO instances JSON", results=False))
         self.image_dir, self.size, self.train = os.fspath(image_dir), int(size), bool(train)
-        self.min_area, self.theta, self.t, self.seed = float(min_area), float(theta), float(t), int(seed)
+        self.min_area, self.theta, self.seed = float(min_area), float(theta), int(seed)
+        self.expand = float(expand)
         self.color_aug, self.cache_size, self.check_size = bool(color_aug), int(cache_size), bool(check_size)
         self.gt_masks, self.report, self.epoch = bool(gt_masks), bool(report), 0
 
@@ -351,8 +353,8 @@ class BoxDataset(torch.utils.data.Dataset):
             bad = ((ix.ann_has_seg[self.rows] == 0) | (self.widths[self.img_rows] <= 0)
                    | (self.heights[self.img_rows] <= 0))
             if bad.any():
-                raise util.InputError(f"annotation {ix.ann_id[self.rows[bad.argmax()]]}: --gt-masks needs a "
-                                      f"segmentation and the image's width and height")
+                raise util.InputError(f"annotation {ix.ann_id[self.rows[bad.argmax()]]}: training on GT masks "
+                                      f"needs a segmentation and the image's width and height")
 
         self._cache = OrderedDict()  # path -> decoded RGB image (per process)
         self.bad_images = {}  # path -> reason (per process)
@@ -393,16 +395,6 @@ class BoxDataset(torch.utils.data.Dataset):
         return (f"{len(rows)} boxes on {len(np.unique(rows))} of {len(self.image_ids)} images"
                 f" (min_area={self.min_area:g}); skipped {sum(skipped.values())}"
                 + (f": {reasons}" if reasons else ""))
-
-    def grouped_order(self, epoch=None, shuffle=True):
-        """All indices, boxes of one image consecutive, images (and boxes within) in a random order
-        seeded by (seed, epoch). Trade-off: each image is decoded ~once per epoch instead of once per
-        box, but a batch then holds several boxes of the same image (less diverse batches)."""
-        if not shuffle:
-            return np.lexsort((np.arange(len(self)), self.img_rows))
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), 7])
-        rank = rng.permutation(len(self.image_ids))
-        return np.lexsort((rng.random(len(self)), rank[self.img_rows]))
 
     def _image(self, k):
         """Decoded image of row k via the LRU cache; (img, None) or (None, reason)."""
@@ -469,7 +461,7 @@ class BoxDataset(torch.utils.data.Dataset):
             crop_box = mal.expand_box(box, self.theta, generator=g)  # §3.1 random expansion
             u = torch.rand(9, generator=g, dtype=torch.float64).tolist()
         else:
-            crop_box = mal.expand_box_fixed(box, self.t)
+            crop_box = mal.expand_box_fixed(box, self.expand)
             u = [1.0] * 9  # no flip, no augmentation
         crop_used = pad_crop(crop_box, *img.size, self.size)
         crop_pil = _crop_pil(img, crop_used, self.size)
@@ -511,25 +503,6 @@ class _FileNames:
 
     def __getitem__(self, k):
         return self.index.file_name(int(k))
-
-
-class ImageGroupedSampler(torch.utils.data.Sampler):
-    """Yields dataset.grouped_order(dataset.epoch): boxes of one image consecutively, so that
-    (with DataLoader batching, batch k going to worker k % W) the per-worker cache decodes each
-    image about once. Reads the epoch from the dataset: one set_epoch call drives both. Under DDP
-    rank r takes the r-th of `world` equal contiguous blocks (images stay grouped; the tail that
-    does not divide evenly is dropped, like DistributedSampler(drop_last=True))."""
-
-    def __init__(self, dataset, shuffle=True, world=1, rank=0):
-        self.dataset, self.shuffle, self.world, self.rank = dataset, shuffle, world, rank
-
-    def __len__(self):
-        return len(self.dataset) // self.world
-
-    def __iter__(self):
-        order = self.dataset.grouped_order(shuffle=self.shuffle)
-        n = len(order) // self.world
-        return iter(order[self.rank * n:(self.rank + 1) * n].tolist())
 
 
 def collate_boxes(samples):
@@ -575,11 +548,11 @@ class ImageBoxes(torch.utils.data.Dataset):
     """Labeling: one item (ImageCrops) = one image with the crops of all its boxes. images: a sequence
     of dicts (id, file_name, width, height); boxes_by_image: anything whose get(image_id, []) gives
     that image's annotations (dicts with id and bbox, xywh), e.g. coco.BoxesByImage. Crops use
-    mal.expand_box_fixed(box, t), no flip."""
+    mal.expand_box_fixed(box, expand), no flip."""
 
-    def __init__(self, images, boxes_by_image, image_dir, size=512, t=0.2):
+    def __init__(self, images, boxes_by_image, image_dir, size=512, expand=0.2):
         self.images, self.boxes_by_image = images, boxes_by_image
-        self.image_dir, self.size, self.t = os.fspath(image_dir), int(size), float(t)
+        self.image_dir, self.size, self.expand = os.fspath(image_dir), int(size), float(expand)
 
     def __len__(self):
         return len(self.images)
@@ -613,19 +586,20 @@ class ImageBoxes(torch.utils.data.Dataset):
                 bad.append((ann_id, problem[1]))
                 continue
             ann_ids.append(ann_id), used.append((x, y, x + w, y + h))
-        crops, masks, crop_boxes = box_crops(img, used, S, self.t)
+        crops, masks, crop_boxes = box_crops(img, used, S, self.expand)
         return ImageCrops(entry["id"], entry["file_name"], W, H, torch.tensor(ann_ids, dtype=torch.int64),
                           crops, masks, crop_boxes, error, bad)
 
 
-def box_crops(img, boxes, size, t=0.2):
+def box_crops(img, boxes, size, expand=0.2):
     """The label-time crops of one decoded image's boxes (xyxy, each covering a pixel of it): crops
     uint8 [n,3,S,S], box masks bool [n,S,S] and the crop boxes float64 [n,4] (pad_crop's, xyxy; the
-    mapping as in roi_crop). Each box is clipped to the image, then expanded by t (mal.expand_box_fixed)."""
+    mapping as in roi_crop). Each box is clipped to the image, then expanded by `expand`
+    (mal.expand_box_fixed)."""
     crops, masks, used = [], [], []
     for b in boxes:
         box = _clip_box(b, *img.size)
-        c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, t), size)
+        c, m, cu = roi_crop(img, box, mal.expand_box_fixed(box, expand), size)
         # bool: a quarter of float32's bytes through the loader's queue, the batch and the copy to the GPU
         crops.append(c), masks.append(m.bool()), used.append(cu)
     return (torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8),
@@ -659,10 +633,10 @@ def _stats(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description="What BoxDataset keeps and skips for a COCO-format JSON "
                                             "(the synthetic sets: python synthetic.py --help).",
-                                formatter_class=util.HelpFormatter)
+                                formatter_class=options.HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stats", help="what BoxDataset keeps and skips for a COCO-format JSON",
-                       formatter_class=util.HelpFormatter)
+                       formatter_class=options.HelpFormatter)
     s.add_argument("--json", required=True, help="COCO-format instances JSON")
     s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
     s.add_argument("--min-area", type=float, default=0.0,

@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 
 import coco
 import evaluation
+import options
 import util
 
 FORMATS = ("coco-polygons", "yolo", "png")
@@ -392,7 +393,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(
         description="Export a labels file that label.py wrote (COCO instances with RLE masks) without "
                     "labeling again: --format's files, --vis overlays, --review's lowest-scored masks; the "
-                    "same files as label.py's own flags.", formatter_class=util.HelpFormatter)
+                    "same files as label.py's own flags.", formatter_class=options.HelpFormatter)
     p.add_argument("labels", help="label.py's output (its --out, or OUT/labels.json for yolo and png)")
     p.add_argument("--images", required=True, help="the image folder the labels' file_name is relative to")
     p.add_argument("--format", choices=["coco", *FORMATS], default="coco",

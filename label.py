@@ -19,9 +19,14 @@ Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object
 OUT's .review.json lists the masks lowest score first, --review N draws the N lowest for a person to
 check, and --eval says how well the score ranks the masks by their true IoU.
 
-The label-time settings come from the checkpoint (recipes.LabelSettings) unless given as flags.
+The label-time settings come from the checkpoint (recipes.LabelSettings) unless given as flags or as
+--recipe items.
 """
-import argparse
+import options
+
+if __name__ == "__main__":
+    options.label_parser().parse_known_args()  # --help answers before torch loads
+
 import array
 import collections
 import dataclasses
@@ -48,15 +53,15 @@ import synthetic
 import util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTINGS = [f.name for f in dataclasses.fields(recipes.LabelSettings)]  # each has a flag below
+SETTINGS = ("expand", "thr", "flip", "crf_refine")  # LabelSettings' fields with a flag (--recipe: the rest)
 
 # ----------------------------------------------------------------------------------------------
 # Files: the fingerprint of a parts folder, its chunks, the side files of OUT
 
 
 # Options that change the labels; a parts folder made with other values must not be merged.
-FINGERPRINT_OPTS = ("net", "expand", "thr", "flip", "crf_refine", "crf_iters", "crf_size", "crf_zeta",
-                    "crf_omega", "crf_unary", "score_thr", "chunk_images")
+FINGERPRINT_OPTS = ("net", "expand", "thr", "flip", "crf_refine", "crf_iters", "crf_size", "zeta", "omega",
+                    "tau", "score_thr", "chunk_images")
 
 
 def file_sha256(path):
@@ -131,70 +136,12 @@ class Progress:
 
 
 def get_args(argv):
-    p = argparse.ArgumentParser(
-        description="Label every box of a COCO JSON with a MAL mask. No arguments: the demo (label "
-                    "demo/data's val set with demo/run/last.pt, training it first if absent; --vis 8 "
-                    "--review 8 --eval; output demo/labels.json).", formatter_class=util.HelpFormatter)
-    p.add_argument("--ckpt", help="train.py checkpoint (e.g. RUN/last.pt); needed unless the demo")
-    p.add_argument("--json",
-                   help="COCO instances JSON (GT boxes) or COCO results list; needed unless the demo")
-    p.add_argument("--images", help="image folder (file_name is relative to it); needed unless the demo")
-    p.add_argument("--out", help="output: a COCO JSON file for --format coco and coco-polygons "
-                                 "(with OUT.report.json, OUT.parts/ beside it), a folder for yolo and png; "
-                                 "needed unless the demo")
-    p.add_argument("--format", choices=["coco", *export.FORMATS], default="coco",
-                   help="coco: instances with compressed RLE; coco-polygons: with polygons (holes filled, "
-                        "counted); yolo: an ultralytics YOLO-seg dataset (images/, labels/, data.yaml); png: "
-                        "16-bit instance-label images with instances.json. The RLE labels are always "
-                        "written too: OUT itself, OUT without .json + '.rle.json' (coco-polygons), "
-                        "or OUT/labels.json")
-    p.add_argument("--images-json", help="for a results list: JSON with the image entries (its categories "
-                                         "are copied; its GT masks, if any, are used by --eval)")
-    p.add_argument("--score-thr", type=float,
-                   help="keep results with score >= this (others are dropped and counted)")
-    # Label-time settings (recipes.LabelSettings): a flag given here wins, then the checkpoint's, then
-    # LabelSettings' defaults. Their default is None on purpose (unset: from the checkpoint).
-    d = recipes.LabelSettings()
-    recipe = lambda v: f" (default: the checkpoint's, else {v})"  # noqa: E731
-    p.add_argument("--net", choices=list(predictor.NETS), help="which weights label: the task net, the EMA "
-                   "teacher, or the mean of both" + recipe(d.net))
-    p.add_argument("--expand", type=float,
-                   help="test-time box expansion t (each side ×(1+t))" + recipe(d.expand))
-    p.add_argument("--thr", type=float, help="mask = probability > thr" + recipe(d.thr))
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="average with the horizontally flipped crop" + recipe("off"))
-    p.add_argument("--crf-refine", action=argparse.BooleanOptionalAction,
-                   help="mean-field CRF refinement of each mask" + recipe("off"))
-    p.add_argument("--crf-iters", type=int,
-                   help="mean-field iterations" + recipe(f"its training loss's, else {d.crf_iters}"))
-    p.add_argument("--crf-size", type=int,
-                   help="resolution the CRF runs at" + recipe(f"its training loss size, else {d.crf_size}"))
-    p.add_argument("--crf-zeta", type=float, help="CRF colour bandwidth ζ (Eq. 4)" + recipe(d.crf_zeta))
-    p.add_argument("--crf-omega", type=float, help="CRF pairwise weight ω (Eq. 4)" + recipe(d.crf_omega))
-    p.add_argument("--crf-unary", type=float, help="CRF unary weight τ (Eq. 3 with E = τ·unary + pairwise; "
-                   "below 1 the colour edges overrule the mask more)" + recipe(d.crf_unary))
-    p.add_argument("--batch-size", type=int, default=32, help="crops per forward (across images)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode + crop)")
-    p.add_argument("--threads", type=int, default=4, help="threads that paste and RLE-encode masks")
-    p.add_argument("--chunk-images", type=int, default=64, help="images per resumable chunk")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
-    p.add_argument("--fresh", action="store_true", help="discard OUT.parts/ and start over")
-    p.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after the merge")
-    p.add_argument("--unlabeled-as", choices=["none", "box"], default="none",
-                   help="mask of a box that could not be labeled: none (no segmentation key) or its "
-                        "filled box, empty where the box covers no pixel (for trainers that need a mask on "
-                        "every box); the report lists them either way, and says which mask each got")
-    p.add_argument("--strict", action="store_true", help="exit with status 3 when any box is unlabeled "
-                   "(for pipelines; OUT is written all the same)")
-    p.add_argument("--eval", action="store_true", help="evaluate against GT masks: mIoU, mask AP, vs box")
-    p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
-    p.add_argument("--vis-dir", help="overlay folder (default OUT without .json + '.vis')")
-    p.add_argument("--review", type=int, default=0, metavar="N",
-                   help="write an overlay of each of the N lowest-scored masks (mask_score in the file name) "
-                        "to OUT without .json + '.review/'")
-    p.add_argument("--dist-timeout", type=float, default=24.0, help="hours ranks wait for each other")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p = options.label_parser()
     args = p.parse_args(argv)
+    try:  # checked now; applied over the checkpoint's settings (resolve_settings)
+        recipes.LabelSettings().updated(args.recipe)
+    except ValueError as e:
+        p.error(f"--recipe {e}")
     missing = [f"--{k.replace('_', '-')}" for k in ("ckpt", "json", "images", "out")
                if getattr(args, k) is None]
     if missing:
@@ -251,15 +198,17 @@ def check_inputs(args):
 
 
 def resolve_settings(args):
-    """The LabelSettings to label with: each flag given wins over the checkpoint's own; said in one line."""
+    """The LabelSettings to label with: each flag or --recipe item given wins over the checkpoint's own;
+    said in one line."""
     ck = predictor.load_checkpoint(args.ckpt, mmap=True)  # mapped, not read: only its small entries are used
     saved, recommended = recipes.checkpoint_settings(ck)
     given = [k for k in SETTINGS if getattr(args, k) is not None]
-    settings = dataclasses.replace(saved, **{k: getattr(args, k) for k in given})
-    for k in SETTINGS:  # the fingerprint reads them off args
-        setattr(args, k, getattr(settings, k))
+    settings = dataclasses.replace(saved, **{k: getattr(args, k) for k in given}).updated(args.recipe)
+    for f in dataclasses.fields(settings):  # the fingerprint reads them off args
+        setattr(args, f.name, getattr(settings, f.name))
+    given = [f"--{k.replace('_', '-')}" for k in given] + [f"--recipe {item}" for item in args.recipe]
     print(f"label.py: {settings.describe()}"
-          + (f"; from the checkpoint's recipe except {', '.join('--' + k.replace('_', '-') for k in given)}"
+          + (f"; from the checkpoint's recipe except {', '.join(given)}"
              if given else "; from the checkpoint's recipe" if recommended else ""), file=sys.stderr)
     return settings
 

@@ -4,14 +4,16 @@ One file, in the paper's order:
   §3.1  RoI input ............ expand_box, expand_box_fixed
   §3.2  Task network ......... VisionTransformer (image encoder E), MaskDecoder (K·V), MAL
         EMA teacher .......... make_teacher, ema_update
-  §3.3  Losses ............... dice, mil_loss (Eq. 2), mean_field (Eq. 3-4), crf_loss (Eq. 5),
-                               mal_loss (Eq. 1)
+  §3.3  Losses ............... dice, mil_loss (Eq. 2), mean_field (Eq. 3-4), crf_labels and
+                               crf_loss (Eq. 5), mal_loss (Eq. 1)
   §4.6  Clustering score ..... clustering_score (Eq. 6): how well encoder features separate FG/BG
   Upper bound ................ gt_mask_loss: the same network trained on GT masks (not MAL)
 Pretrained encoders (MAE, DeiT, DeiT III, DINOv2, timm, our own checkpoints) load with load_pretrained.
+Nothing here goes beyond the paper: what this implementation adds to the training objective (loss
+ramps, the CRF's unary weight and resolution, the flood) is in objective.py.
 """
 import copy
-import dataclasses
+import functools
 import math
 import re
 import sys
@@ -44,12 +46,13 @@ def expand_box(box, theta=1.2, generator=None):
             cx + (x1 - cx) * (1 + theta_x - beta_x), cy + (y1 - cy) * (1 + theta_y - beta_y))
 
 
-def expand_box_fixed(box, t=0.2):
-    """Deterministic test-time expansion for labeling: each side's distance from the centre ×(1+t)."""
+def expand_box_fixed(box, expand=0.2):
+    """Deterministic test-time expansion for labeling: each side's distance from the centre
+    ×(1 + expand)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return (cx - (cx - x0) * (1 + t), cy - (cy - y0) * (1 + t),
-            cx + (x1 - cx) * (1 + t), cy + (y1 - cy) * (1 + t))
+    e = 1 + expand
+    return (cx - (cx - x0) * e, cy - (cy - y0) * e, cx + (x1 - cx) * e, cy + (y1 - cy) * e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,11 +79,10 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    fused = True  # False: the explicit softmax(QKᵀ/√d)V, the "naive" baseline of bench.py
-
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
+        self.fused = True  # False: the explicit softmax(QKᵀ/√d)V, the "naive" baseline of bench.py
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
@@ -505,23 +507,12 @@ def mean_field(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, dtype=
 
 
 _crf_path_logged = set()
-use_crf_kernel = True  # False forces the reference (bench.py's "naive" baseline)
 
 
-def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weight=1.0):
+def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0):
     """mean_field through the fused crf_ext kernel when it builds, else the reference above.
-    unary_weight τ scales the unary of Eq. 3 (E = τ·μ + ψ; τ = 1 is the paper's CRF): the mean field
-    starts from and is pulled towards sigmoid(τ·logit(prob)), a mask the pairwise term overrules
-    more easily the smaller τ is.
     Says once per device type which path runs (and why, when it falls back). Never builds a graph."""
-    if unary_weight != 1.0:
-        with torch.no_grad():
-            p = prob.clamp(1e-6, 1 - 1e-6)
-            prob = torch.sigmoid(unary_weight * (torch.log(p) - torch.log1p(-p)))
     dev = prob.device.type
-    if not use_crf_kernel:
-        with torch.no_grad():
-            return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
     fast = crf_ext.available(prob.device)
     reason = None if fast else crf_ext.unavailable_reason(prob.device)
     if dev not in _crf_path_logged:
@@ -537,74 +528,17 @@ def refine(image, prob, box_mask=None, *, iters, zeta=0.5, omega=2.0, unary_weig
         return mean_field(image, prob, box_mask, iters=iters, zeta=zeta, omega=omega)
 
 
-@dataclasses.dataclass(frozen=True)
-class Flood:
-    """A mean field with a weak unary τ (unary_weight) and ω near the critical 1/(4k̄) (0.25 for 8
-    neighbours of affinity ~1): a slow diffusion, in which the crop outside the box, held at
-    background, floods every region connected to it through similar colours (a crescent's or an L's
-    concavity, the gaps between limbs), and regions closed off by colour edges follow the network.
-    It takes ~L² iterations to reach L pixels deep, hence the low resolution `size`. Where edges
-    are soft or the object is textured it also eats into the object from its rim, in thin bands:
-    crf_loss takes from it only the regions at least 2·open_radius + 1 pixels across (opening)."""
-    iters: int = 1000
-    zeta: float = 0.3
-    omega: float = 0.25
-    unary_weight: float = 1e-4
-    size: int = 24
-    open_radius: int = 2
+def crf_labels(avg, image, box_mask, *, iters=100, zeta=0.5, omega=2.0):
+    """Eq. 5's hard labels l = MeanField(I^c, m^a) > 0.5 (bool [B,H,W])."""
+    return refine(image, avg, box_mask, iters=iters, zeta=zeta, omega=omega) > 0.5
 
 
-def opening(mask, r):
-    """Morphological opening of a bool mask [B,H,W] by a (2r+1)² square: the parts at least that thick
-    (beyond the crop's edge counts as inside, so the edge does not erode)."""
-    k, x = 2 * r + 1, mask.float()[:, None]
-    return F.max_pool2d(-F.max_pool2d(-x, k, 1, r), k, 1, r)[:, 0] > 0.5
-
-
-def mean_field_labels(avg, image, box_mask, size=None, **mf):
-    """Hard labels (bool, at avg's resolution) of the mean field (refine, options mf) run at `size`:
-    the image area-down, the box max-pooled, avg area-down, and Q resized back bilinearly."""
-    S = avg.shape[-1]
-    if size and size != S:
-        image, box_mask = crop_to_loss_size(image, box_mask, size)
-        avg = F.interpolate(avg[:, None], size=(size, size), mode="area")[:, 0]
-    q = refine(image, avg, box_mask, **mf)
-    if q.shape[-1] != S:
-        q = F.interpolate(q[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
-    return q > 0.5
-
-
-def crf_loss(prob, teacher_prob, image, box_mask, *, iters=100, zeta=0.5, omega=2.0, unary_weight=1.0,
-             size=None, flood=None):
-    """Eq. 5: l = MeanField(I^c, m^a) > 0.5 with m^a = (m + m^t)/2 (no gradient); L_crf = dice(m, l).
-
-    unary_weight τ scales the unary of Eq. 3 (as in refine) and size is the resolution the mean
-    field runs at (default: the loss's). With τ = 1 (the paper) the mean field is a local majority
-    vote that moves the mask's edges to nearby colour edges but keeps a region the network fills
-    with confidence, such as the concavity of a crescent. flood (a Flood, or None) takes from the
-    labels what a flood of the box's outside takes from them in pieces at least 2r + 1 pixels
-    across: the concavities and gaps that the box's background reaches, not the thin bands it eats
-    along soft edges."""
+def crf_loss(prob, teacher_prob, image, box_mask, labels=crf_labels):
+    """Eq. 5: L_crf = dice(m, l), l the CRF's hard labels of m^a = (m + m^t)/2 (no gradient).
+    labels(avg, image, box_mask) makes them (default: crf_labels with the paper's ζ, ω)."""
     with torch.no_grad():
-        avg = (prob.detach() + teacher_prob) / 2
-        labels = mean_field_labels(avg, image, box_mask, size, iters=iters, zeta=zeta, omega=omega,
-                                   unary_weight=unary_weight)
-        if flood is not None:
-            flooded = mean_field_labels(avg, image, box_mask, flood.size, iters=flood.iters, zeta=flood.zeta,
-                                        omega=flood.omega, unary_weight=flood.unary_weight)
-            labels = labels & ~opening(labels & ~flooded, flood.open_radius)
-    return dice(prob, labels.float()).mean()
-
-
-def ramp(step, length):
-    """Linear loss-weight ramp to 1 over the first `length` steps (step counts from 0) (the public
-    recipe ramps MIL over 1k, CRF over 4k)."""
-    return 1.0 if length <= 0 else min(1.0, (step + 1) / length)
-
-
-def loss_weights(step, *, alpha_mil=4.0, alpha_crf=0.5, mil_ramp=1000, crf_ramp=4000):
-    """Eq. 1's weights at `step`, each ramped in: (w_mil, w_crf)."""
-    return alpha_mil * ramp(step, mil_ramp), alpha_crf * ramp(step, crf_ramp)
+        hard = labels((prob.detach() + teacher_prob) / 2, image, box_mask)
+    return dice(prob, hard.float()).mean()
 
 
 def upsample_logits(logits, size):
@@ -622,22 +556,19 @@ def crop_to_loss_size(image, box_mask, size):
     return image, box_mask
 
 
-def mal_loss(logits, teacher_logits, image, box_mask, step, *, alpha_mil=4.0, alpha_crf=0.5,
-             mil_ramp=1000, crf_ramp=4000, loss_size=128, crf_iters=100, zeta=0.5, omega=2.0,
-             crf_unary=1.0, crf_size=None, flood=None):
-    """Eq. 1: L = α_mil·L_mil + α_crf·L_crf, each weight ramped in. logits / teacher_logits
-    [B, h, w] from the task network and the teacher; image [B,3,S,S] the un-jittered crop (what the
-    teacher sees, the CRF's colours); box_mask [B,S,S]. crf_unary, crf_size, flood: crf_loss's
-    unary_weight, size and flood. Returns (loss, dict of detached terms)."""
+def mal_loss(logits, teacher_logits, image, box_mask, *, alpha_mil=4.0, alpha_crf=0.5, loss_size=128,
+             crf_iters=100, zeta=0.5, omega=2.0, labels=None):
+    """Eq. 1: L = α_mil·L_mil + α_crf·L_crf. logits / teacher_logits [B, h, w] from the task network and
+    the teacher; image [B,3,S,S] the un-jittered crop (what the teacher sees, the CRF's colours);
+    box_mask [B,S,S]; both losses at loss_size². labels: crf_loss's (default: Eq. 5's mean field with
+    crf_iters, ζ, ω). Returns (loss, dict of detached terms)."""
     image, box_mask = crop_to_loss_size(image, box_mask, loss_size)
     prob = upsample_logits(logits, loss_size).sigmoid()
     teacher_prob = upsample_logits(teacher_logits, loss_size).sigmoid()
     l_mil = mil_loss(prob, box_mask)
-    l_crf = crf_loss(prob, teacher_prob, image, box_mask, iters=crf_iters, zeta=zeta, omega=omega,
-                     unary_weight=crf_unary, size=crf_size, flood=flood)
-    w_mil, w_crf = loss_weights(step, alpha_mil=alpha_mil, alpha_crf=alpha_crf, mil_ramp=mil_ramp,
-                                crf_ramp=crf_ramp)
-    loss = w_mil * l_mil + w_crf * l_crf
+    l_crf = crf_loss(prob, teacher_prob, image, box_mask,
+                     labels or functools.partial(crf_labels, iters=crf_iters, zeta=zeta, omega=omega))
+    loss = alpha_mil * l_mil + alpha_crf * l_crf
     return loss, {"loss": loss.detach(), "mil": l_mil.detach(), "crf": l_crf.detach()}
 
 

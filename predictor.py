@@ -15,6 +15,7 @@ from PIL import Image
 import coco
 import data
 import mal
+import objective
 import recipes
 import util
 
@@ -77,11 +78,12 @@ def mask_score(prob, box_mask):
 
 
 @torch.inference_mode()
-def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, crf_zeta=0.5,
-            crf_omega=2.0, crf_unary=1.0):
+def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, zeta=0.5, omega=2.0,
+            tau=1.0):
     """uint8 crops [B,3,S,S] and box masks [B,S,S] (pinned, on CPU) -> (mask probabilities [B,h,w],
     mask_score [B]), float32 on `device`. The mean of sigmoid(logits) over the nets (and their horizontal
-    flips), optionally CRF-refined; the score is taken before the CRF (see mask_score).
+    flips), optionally CRF-refined (crf_iters > 0: the mean field with ζ, ω and the unary weight τ of
+    objective.weak_unary, at crf_size); the score is taken before the CRF (see mask_score).
     A net is any callable: normalised float [B,3,S,S] -> logits [B,h,w] (tests inject oracles)."""
     x = data.normalize(crops.to(device, non_blocking=True))
     bm = box_masks.to(device, non_blocking=True).float()
@@ -99,8 +101,8 @@ def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size
         img, bm = mal.crop_to_loss_size(x[:crops.shape[0]].float(), bm, crf_size)
         prob = F.interpolate(prob[:, None], size=(crf_size, crf_size), mode="bilinear",
                              align_corners=False)[:, 0]
-        prob = mal.refine(img, prob, bm, iters=crf_iters, zeta=crf_zeta, omega=crf_omega,
-                          unary_weight=crf_unary)
+        prob = mal.refine(img, objective.weak_unary(prob, tau), bm, iters=crf_iters, zeta=zeta,
+                          omega=omega)
     return prob, score
 
 
@@ -150,7 +152,7 @@ class LabelStream:
     def run(self, images, todo, image_dir, groups=None, workers=0, stop=None):
         groups = groups if groups is not None else [0] * len(images)
         self.partial = None
-        ds = data.ImageBoxes(images, todo, image_dir, self.size, t=self.settings.expand)
+        ds = data.ImageBoxes(images, todo, image_dir, self.size, expand=self.settings.expand)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=4 if workers else None, collate_fn=_as_is)
         self._pool = ThreadPoolExecutor(max(1, self.threads))

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import coco
 import data
 import mal
+import options
 import recipes
 import synthetic
 import util
@@ -339,7 +340,7 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
 # The command line and the loop
 
 
-class HelpFormatter(util.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(options.HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Each flag's default, and the epilog's tables as written."""
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import recipes
+import options
 import synthetic
 import train
 import util
@@ -172,13 +172,11 @@ SETS = {
 
 
 def paper_flags():
-    """The paper's recipe at the demo's CPU scale: train.py's own loss, EMA and augmentation
-    defaults, with the demo's model, crop size and schedule; its CRF loss at the loss size."""
+    """The paper's recipe at the demo's CPU scale: the paper's objective (--paper-loss) and train.py's
+    own EMA and augmentation defaults, with the demo's model, crop size, loss size and schedule."""
     d = train.get_args(["--train-json", "-", "--images", "-"])
-    return ["--demo", "--crf-iters", str(d.crf_iters), "--crf-unary", f"{d.crf_unary:g}",
-            "--zeta", f"{d.zeta:g}", "--omega", f"{d.omega:g}", "--crf-size", str(recipes.DEMO["loss_size"]),
-            "--ema", f"{d.ema:g}", "--color-aug" if d.color_aug else "--no-color-aug",
-            "--flood" if d.flood else "--no-flood"]
+    return ["--demo", "--paper-loss", "--ema", f"{d.ema:g}",
+            "--color-aug" if d.color_aug else "--no-color-aug"]
 
 
 # Recipes as train.py flags. `upper`: the same network trained on the GT masks (the upper bound).
@@ -292,12 +290,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="The quality benchmark: for each set, train the CPU recipe at "
                                             "the demo's budget, label the set's boxes with the checkpoint's "
                                             "defaults, and print one table (also written as JSON).",
-                                formatter_class=util.HelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="evaluation sets")
     p.add_argument("--recipes", nargs="*", default=["demo"], choices=[r for r in RECIPES if r != "upper"],
                    help="recipes to train (the upper bound is trained too, unless --no-upper)")
     p.add_argument("--try", dest="tries", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
-                   help="another recipe: the demo's with these train.py flags, e.g. --try zeta4 '--zeta 0.4'")
+                   help="another recipe: the demo's with these train.py flags, "
+                        "e.g. --try zeta4 '--recipe zeta=0.4'")
     p.add_argument("--upper", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the GT-mask upper bound on each set")
     p.add_argument("--steps", type=int, default=750, help="optimizer steps per run (the demo's budget)")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
+import options
 import util
 
 # ----------------------------------------------------------------------------------------------
@@ -391,19 +392,19 @@ def make_textured(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Make (or reuse) a synthetic COCO-format set with GT masks.",
-                                formatter_class=util.HelpFormatter)
+                                formatter_class=options.HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, what in (("demo", "the demo set: flat-coloured shapes"),
                        ("textured", "textured backgrounds, soft edges, low contrast, "
                                     "grey images, thin parts, holes")):
-        s = sub.add_parser(name, help=what, formatter_class=util.HelpFormatter)
+        s = sub.add_parser(name, help=what, formatter_class=options.HelpFormatter)
         s.add_argument("--out", required=True, help="output folder (reused when already complete)")
         s.add_argument("--n-train", type=int, default=240, help="number of training images")
         s.add_argument("--n-val", type=int, default=60, help="number of validation images")
         s.add_argument("--seed", type=int, default=0, help="generator seed")
         s.add_argument("--size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"), help="image size")
     c = sub.add_parser("coco-like", help="640x480 images with ~7 boxes each, for benchmarks",
-                       formatter_class=util.HelpFormatter)
+                       formatter_class=options.HelpFormatter)
     c.add_argument("--out", required=True, help="output folder (reused when already complete)")
     c.add_argument("--n", type=int, default=100, help="number of images")
     c.add_argument("--seed", type=int, default=0, help="generator seed")

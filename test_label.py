@@ -170,18 +170,24 @@ def test_failed_image_without_size_is_reported_and_the_run_goes_on(world, tmp_pa
 def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_path, capsys):
     ck = torch.load(world / "tiny.pt", weights_only=True)
     recipe = dict(net="teacher", thr=0.3, expand=0.1, flip=True, crf_refine=True, crf_iters=3, crf_size=16,
-                  crf_zeta=0.4, crf_omega=1.5, crf_unary=0.5)
-    torch.save(dict(ck, label_defaults=recipe), tmp_path / "r.pt")
+                  zeta=0.4, omega=1.5, tau=0.5)
+    old_names = dict(crf_zeta="zeta", crf_omega="omega", crf_unary="tau")  # a checkpoint written before
+    torch.save(dict(ck, label_defaults={old: recipe[new] for old, new in old_names.items()}
+                    | {k: v for k, v in recipe.items() if k not in old_names.values()}), tmp_path / "r.pt")
     argv = lambda out, *x: [*label_argv(world, out, "--keep-parts"), "--ckpt", str(tmp_path / "r.pt"), *x]  # noqa: E731
     label.main(argv(tmp_path / "a.json"))
     cfg = json.loads((tmp_path / "a.json.parts" / "fingerprint.json").read_text())
     assert {k: cfg[k] for k in recipe} == recipe
     assert "from the checkpoint's recipe\n" in capsys.readouterr().err
-    label.main(argv(tmp_path / "b.json", "--thr", "0.6", "--no-crf-refine"))
+    label.main(argv(tmp_path / "b.json", "--thr", "0.6", "--no-crf-refine", "--recipe", "net=task",
+                    "tau=0.7"))
     cfg = json.loads((tmp_path / "b.json.parts" / "fingerprint.json").read_text())
-    assert ((cfg["thr"], cfg["crf_refine"], cfg["crf_iters"], cfg["net"], cfg["flip"])
-            == (0.6, False, 0, "teacher", True))
-    assert "except --thr, --crf-refine" in capsys.readouterr().err
+    assert ((cfg["thr"], cfg["crf_refine"], cfg["crf_iters"], cfg["net"], cfg["flip"], cfg["tau"])
+            == (0.6, False, 0, "task", True, 0.7))
+    assert "except --thr, --crf-refine, --recipe net=task, --recipe tau=0.7" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        label.main(argv(tmp_path / "d.json", "--recipe", "zeta=x"))
+    assert "--recipe zeta=x: zeta takes a float" in capsys.readouterr().err
     label.main(label_argv(world, tmp_path / "c.json", "--keep-parts"))  # no recipe in the file: TEST_TIME
     cfg = json.loads((tmp_path / "c.json.parts" / "fingerprint.json").read_text())
     assert {k: cfg[k] for k in ("net", "thr", "expand", "flip", "crf_refine")} == {

@@ -1,6 +1,8 @@
 """The module graph: every project import at the top of its file, no cycle; the commands' loops short."""
 import ast
 import os
+import subprocess
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = sorted(f[:-3] for f in os.listdir(HERE)
@@ -57,3 +59,26 @@ def test_the_commands_loops_stay_short():
             if lines > 120:
                 long[f"{f}:{node.name}"] = lines
     assert not long, long
+
+
+def test_help_answers_before_torch_is_imported():
+    """train.py --help and label.py --help print their flags without loading torch (seconds of imports)."""
+    for command in ("train.py", "label.py"):
+        probe = ("import runpy, sys\n"
+                 f"sys.argv = [{command!r}, '--help']\n"
+                 "try:\n"
+                 f"    runpy.run_path({os.path.join(HERE, command)!r}, run_name='__main__')\n"
+                 "except SystemExit as e:\n"
+                 "    assert e.code == 0, e.code\n"
+                 "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip().endswith("no torch") and "--recipe KEY=VALUE" in out.stdout, command
+
+
+def test_train_py_offers_what_a_user_sets():
+    """At most ~35 options in train.py --help; the experiments' knobs are --recipe items."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True,
+                         text=True)
+    options = [line for line in out.stdout.splitlines() if line.startswith("  -")]
+    assert out.returncode == 0 and 25 <= len(options) <= 35, len(options)

@@ -120,8 +120,8 @@ def test_predictor_gives_label_py_s_masks(world, tmp_path):
             q.mul_(6)
     ckpt = tmp_path / "loud.pt"
     torch.save(dict(model_args=TINY, task=net.state_dict(), teacher=net.state_dict(), args={}), ckpt)
-    for flags, kw in (([], {}), (["--flip", "--crf-refine", "--crf-iters", "4", "--crf-size", "16",
-                                  "--thr", "0.45"],
+    for flags, kw in (([], {}), (["--flip", "--crf-refine", "--thr", "0.45", "--recipe", "crf_iters=4",
+                                  "crf_size=16"],
                                  dict(flip=True, crf_refine=True, crf_iters=4, crf_size=16, thr=0.45))):
         out = tmp_path / f"labels{len(flags)}.json"
         argv = label_argv(world, out, "--chunk-images", "1", "--batch-size", "32", *flags)

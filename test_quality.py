@@ -104,8 +104,8 @@ def _tiny_sets(tiny_set):
 @pytest.mark.slow
 def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
-    small = ("--depth 1 --img-size 32 --patch-size 8 --decoder-dim 16 --loss-size 32 --crf-size 16 "
-             "--crf-iters 5 --batch-size 4 --min-area 16 --workers 0 --device cpu")
+    small = ("--depth 1 --img-size 32 --patch-size 8 --decoder-dim 16 --batch-size 4 --min-area 16 "
+             "--workers 0 --device cpu --recipe loss_size=32 crf_size=16 crf_iters=5")
     argv = ["--sets", "tiny", "--recipes", "--try", "small", small, "--no-upper", "--steps", "2",
             "--root", str(tmp_path), "--json", str(tmp_path / "r.json")]
     quality.main(argv)
@@ -126,8 +126,10 @@ def test_the_paper_recipe_is_train_py_s_losses_at_the_demo_s_scale():
     paper = train.get_args(quality.paper_flags() + ["--train-json", "-", "--images", "-"])
     gpu = train.get_args(["--train-json", "-", "--images", "-"])
     demo = train.get_args(["--demo", "--train-json", "-", "--images", "-"])
-    for k in ("crf_iters", "crf_unary", "zeta", "omega", "ema", "color_aug", "flood"):
+    for k in ("crf_iters", "tau", "zeta", "omega", "flood", "crf_size", "alpha_mil", "alpha_crf"):
+        assert getattr(paper.loss, k) == getattr(gpu.loss, k), k
+    for k in ("ema", "color_aug"):
         assert getattr(paper, k) == getattr(gpu, k), k
-    assert paper.crf_size == demo.loss_size == paper.loss_size  # the paper's CRF runs at the loss size
+    assert paper.loss.loss_size == demo.loss.loss_size  # at the demo's scale
     for k in ("arch", "depth", "img_size", "batch_size", "steps", "lr_per_image", "warmup_steps"):
         assert getattr(paper, k) == getattr(demo, k), k

@@ -102,19 +102,6 @@ def test_init_by_name_downloads_once_into_torch_hub_s_cache(tiny_set, tmp_path, 
         train.encoder_from_init(train.get_args(argv[:-1] + ["dinov9"]), ONE_RANK)
 
 
-def test_grouped_sampler_splits_ranks_into_grouped_blocks(tiny_set):
-    ds = data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], size=32, min_area=16)
-    blocks = [list(data.ImageGroupedSampler(ds, world=2, rank=r)) for r in range(2)]
-    assert len(blocks[0]) == len(blocks[1]) == len(ds) // 2
-    assert not set(blocks[0]) & set(blocks[1])
-    for b in blocks:  # each image's boxes are consecutive within a rank's block
-        rows = [int(ds.img_rows[i]) for i in b]
-        changes = sum(x != y for x, y in zip(rows, rows[1:]))
-        assert changes == len(set(rows)) - 1
-    ds.set_epoch(1)
-    assert list(data.ImageGroupedSampler(ds, world=2, rank=0)) != blocks[0]  # reshuffled each epoch
-
-
 def test_train_lr_schedule():
     lrs = [util.lr_at(s, 100, 1.0, 10, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
@@ -132,15 +119,15 @@ def test_train_steps_lower_the_loss(tiny_set, tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(ckpt) >= {"model_args", "task", "teacher", "optimizer", "step", "epoch", "world", "rng",
                          "args"}
-    # No validation: no best.pt; epoch_N.pt only with --keep-epochs.
+    # No validation: no best.pt; epoch_N.pt only with --recipe keep_epochs=1.
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["last.pt"]
 
 
 def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tiny_set, tmp_path, monkeypatch,
                                                                               capsys):
-    """last.pt, and best.pt at the epoch of the best validation mIoU (remembered across a resume); epoch_N.pt
-    only with --keep-epochs. The rate leaves validation time out. Progress lines and log.jsonl carry the loss
-    weights as they ramp in."""
+    """last.pt, and best.pt at the epoch of the best validation mIoU (remembered across a resume);
+    epoch_N.pt only with --recipe keep_epochs=1. The rate leaves validation time out. Progress lines and
+    log.jsonl carry the loss weights as they ramp in."""
     mious, clock, real_time = {1: float("nan"), 2: 0.5, 3: 0.4}, [0.0], time.time
 
     def log_validation(args, net, teacher, device, epoch, step):  # takes 1000 s of a fake clock
@@ -152,7 +139,7 @@ def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tin
     spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"],
                               min_area=16)) // 4  # steps/epoch
     common = ("--epochs", "3", "--val-json", tiny_set["val_json"], "--val-images", tiny_set["val_images"],
-              "--mil-ramp", "4", "--crf-ramp", "8")
+              "--recipe", "mil_ramp=4", "crf_ramp=8")
     train.main(tiny_argv(tiny_set, tmp_path, *common, "--max-steps", str(2 * spe)))
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["best.pt", "last.pt"]
     best = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -170,15 +157,14 @@ def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tin
         assert r["w_crf"] == pytest.approx(0.5 * min(1, r["step"] / 8))
         assert r["crops_per_s"] > 0.1  # 4 crops in 1000 s if a validation counted
     assert f"crf {log[-1]['crf']:.4f}, w_mil 4, w_crf 0.5) lr" in err
-    train.main(tiny_argv(tiny_set, tmp_path / "k", "--epochs", "2", "--keep-epochs"))
+    train.main(tiny_argv(tiny_set, tmp_path / "k", "--epochs", "2", "--recipe", "keep_epochs=1"))
     assert sorted(os.listdir(tmp_path / "k")) == ["epoch_1.pt", "epoch_2.pt", "last.pt", "log.jsonl"]
     assert torch.load(tmp_path / "k" / "epoch_2.pt", weights_only=True)["step"] == 2 * spe
 
 
-@pytest.mark.parametrize("order", [(), ("--group-by-image",)])
-def test_train_resume_is_exact(tiny_set, tmp_path, order):
+def test_train_resume_is_exact(tiny_set, tmp_path):
     """2 steps + resume + 2 steps gives bit-identical weights to 4 steps straight (a mid-epoch resume)."""
-    common = ("--epochs", "3", "--seed", "7", *order)
+    common = ("--epochs", "3", "--seed", "7")
     train.main(tiny_argv(tiny_set, tmp_path / "straight", *common, "--max-steps", "4"))
     train.main(tiny_argv(tiny_set, tmp_path / "resumed", *common, "--max-steps", "2"))
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 2
@@ -234,21 +220,26 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
                            "--images", tiny_set["train_images"],
                            "--out", str(tmp_path / "run"), "--epochs", "3"])
     assert args.demo and not args.demo_data and args.val_json is None and args.out == str(tmp_path / "run")
-    assert (args.arch, args.depth, args.img_size, args.loss_size, args.epochs) == ("vit_tiny", 3, 96, 48, 3)
-    assert ((args.crf_unary, args.crf_size, args.flood, args.ema, args.color_aug)
-            == (1.0, None, True, 0.99, False))
+    assert ((args.arch, args.depth, args.img_size, args.loss.loss_size, args.epochs)
+            == ("vit_tiny", 3, 96, 48, 3))
+    assert ((args.loss.tau, args.loss.crf_size, args.loss.flood, args.ema, args.color_aug)
+            == (1.0, None, recipes.Flood(), 0.99, False))
+    # The paper's objective is one flag away: the demo's with τ 1, the CRF at the loss size, no flood.
+    paper = train.get_args(["--demo", "--paper-loss", "--train-json", "x.json", "--images", "."]).loss
+    assert paper == recipes.LossConfig(loss_size=48, mil_ramp=50, crf_ramp=100) == args.loss.paper()
     assert train.get_args(["--train-json", "x.json", "--images", "."]).out == "runs/mal"
     assert train.get_args([]).demo_data and train.get_args([]).val_json == recipes.DEMO_DATA["val_json"]
     train.main(["--demo", "--train-json", tiny_set["train_json"], "--images", tiny_set["train_images"],
                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--workers", "0",
-                "--min-area", "16", "--crf-iters", "2"])
+                "--min-area", "16", "--recipe", "crf_iters=2"])
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     spe = len(data.BoxDataset(tiny_set["train_json"], tiny_set["train_images"], min_area=16)) // 2
     assert ck["args"]["steps"] == 750 and ck["args"]["epochs"] == round(750 / spe)  # the budget, in epochs
     # The demo labels with the paper's CRF refining each mask, its unary and colour bandwidth at 0.3.
     assert (ck["model_args"]["img_size"] == 96
             and ck["label_settings"] == dataclasses.asdict(recipes.LabelSettings(
-                crf_refine=True, crf_iters=100, crf_size=48, crf_zeta=0.3, crf_omega=2.0, crf_unary=0.3)))
+                crf_refine=True, crf_iters=100, crf_size=48, zeta=0.3, omega=2.0, tau=0.3)))
+    assert recipes.loss_config(ck["args"]["loss"]) == dataclasses.replace(recipes.DEMO["loss"], crf_iters=2)
     assert not os.path.exists(tmp_path / "never")
 
 
@@ -355,10 +346,11 @@ def test_a_signal_before_the_first_step_says_nothing_was_saved(tiny_set, tmp_pat
 
 
 def test_a_cpu_run_without_demo_says_what_it_costs_and_warns_of_long_ramps_once(tiny_set, tmp_path, capsys):
-    argv = tiny_argv(tiny_set, tmp_path, "--max-steps", "2", "--warmup-steps", "5", "--crf-ramp", "9")
+    argv = tiny_argv(tiny_set, tmp_path, "--max-steps", "2", "--warmup-steps", "5",
+                     "--recipe", "crf_ramp=9")
     train.main(argv)
     err = capsys.readouterr().err
-    ramps = "train.py: warning: --warmup-steps 5 and --crf-ramp 9 steps, longer than the run's 2: "
+    ramps = "train.py: warning: --warmup-steps 5 and crf_ramp 9 steps, longer than the run's 2: "
     assert err.count(ramps) == 1
     guard = [line for line in err.splitlines() if line.startswith("train.py: warning: no GPU and no --demo")]
     assert len(guard) == 1 and "2 steps of 4 crops of vit_tiny/8 at 32px take about " in guard[0]

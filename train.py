@@ -1,6 +1,6 @@
 """Phase 1 of MAL: train the mask auto-labeler on boxes (§3, recipe of §4.2).
 
-  python train.py                               # the demo: synthetic data, small model, ~7 min on 2 CPU cores
+  python train.py                               # the demo: synthetic data, small model, ~3 min on 2 CPU cores
   python train.py --demo --train-json boxes.json --images DIR --out runs/mine   # the CPU recipe on your boxes
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
@@ -8,16 +8,24 @@ One flat loop: rank and world size come from torchrun's environment, no framewor
 The run folder holds last.pt (the whole state, written at each epoch's end, about every
 --save-minutes and on Ctrl-C or SIGTERM; --resume continues it exactly), best.pt (the same at the end
 of the epoch with the best validation mIoU, when --val-json is given), epoch_N.pt only with
---keep-epochs, log.jsonl (the progress numbers, with the loss weights as they ramp in) and val.jsonl
+--recipe keep_epochs=1, log.jsonl (the progress numbers, with the loss weights as they ramp in) and val.jsonl
 (validation mIoU at each epoch end).
+
+The losses are the paper's (mal.py) with what this implementation adds (objective.py); --paper-loss
+trains the paper's alone.
 """
-import argparse
+import options
+
+if __name__ == "__main__":
+    options.train_parser().parse_known_args()  # --help answers before torch loads
+
 import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
+import urllib.error
 
 import torch
 import torch.distributed as dist
@@ -27,113 +35,36 @@ import coco
 import data
 import evaluation
 import mal
+import objective
+import options
 import recipes
 import synthetic
 import util
 
 # a resume keeps these
-RESUME_KEYS = ("model_args", "world", "batch_size", "accum", "epochs", "seed", "group_by_image")
-
-
-def _flags(p):
-    g = p.add_argument_group("data").add_argument
-    g("--train-json", help="COCO-format instances JSON; only boxes are read (no segmentation needed)")
-    g("--images", help="folder of the training images (file_name in the JSON is relative to it)")
-    g("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
-    g("--val-images", help="folder of the validation images")
-    g("--val-max-images", type=int, default=200, help="validate on this many images (a fixed subset)")
-    g("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
-    g("--theta", type=float, default=1.2, help="random box expansion θ (§3.1)")
-    g("--color-aug", action=argparse.BooleanOptionalAction, default=True,
-      help="colour jitter, greyscale and blur on the task network's input (§4.2)")
-    g("--group-by-image", action="store_true",
-      help="order boxes image by image: ~1 decode per image instead of per box, less diverse batches")
-    g("--workers", type=int, default=4, help="DataLoader worker processes per process")
-    g = p.add_argument_group("model").add_argument
-    g("--arch", default="vit_base", choices=list(mal.VIT_CONFIGS), metavar="ARCH",
-      help=f"ViT image encoder: {', '.join(mal.VIT_CONFIGS)}")
-    g("--depth", type=int, default=None, help="override the encoder's number of blocks")
-    g("--patch-size", type=int, default=16,
-      help="ViT patch size (8, 14 and 16 work; DINOv2's weights need 14)")
-    g("--img-size", type=int, default=512, help="RoI crop size fed to the network (§3.1: 512)")
-    g("--decoder-dim", type=int, default=256, help="channels of the decoder's K and V heads (paper: 256)")
-    g("--init", help="pretrained encoder: a file (MAE, DeiT, DeiT III, DINOv2, timm or a MAL checkpoint) "
-                     "or a public encoder's name, downloaded once (mae_vit_{base,large,huge}, "
-                     "deit_{tiny,small,base}, dinov2_vit{s,b,l,g}14[_reg4]); it decides --arch, --patch-size "
-                     "and --depth (--depth may keep fewer blocks)")
-    g("--drop-path", type=float, default=0.1, help="stochastic depth rate of the encoder")
-    g = p.add_argument_group("optimisation").add_argument
-    g("--batch-size", type=int, default=4, help="crops per process per micro-step (paper: 4 per GPU × 8)")
-    g("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    g("--epochs", type=int, default=None,
-      help="epochs; the learning-rate schedule spans all of them (default: those that give --steps, else 10)")
-    g("--steps", type=int, default=None,
-      help="about this many optimizer steps, whatever the number of boxes: the epochs are set to give them, "
-           "unless --epochs is given")
-    g("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
-    g("--lr-per-image", type=float, default=1.5e-6, help="learning rate per image of the global batch (§4.2)")
-    g("--min-lr-ratio", type=float, default=0.01, help="cosine annealing floor, as a fraction of the peak")
-    g("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up steps")
-    g("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
-    g("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    g("--ema", type=float, default=0.996, help="EMA teacher momentum (§3.2)")
-    g = p.add_argument_group("losses (Eq. 1-5)").add_argument
-    g("--alpha-mil", type=float, default=4.0, help="MIL loss weight (Eq. 1)")
-    g("--alpha-crf", type=float, default=0.5, help="CRF loss weight (Eq. 1)")
-    g("--mil-ramp", type=int, default=1000, help="steps over which the MIL weight ramps in")
-    g("--crf-ramp", type=int, default=4000, help="steps over which the CRF weight ramps in")
-    g("--loss-size", type=int, default=128, help="resolution of the losses and the CRF (up to --img-size)")
-    g("--crf-iters", type=int, default=100, help="mean-field iterations")
-    g("--zeta", type=float, default=0.5, help="CRF colour-affinity bandwidth ζ (Eq. 4)")
-    g("--omega", type=float, default=2.0, help="CRF pairwise weight ω (Eq. 4)")
-    g("--crf-unary", type=float, default=1.0,
-      help="weight τ of the CRF's unary (E = τ·μ + ψ, Eq. 3; 1: the paper). A weak unary with ω ~ 0.25 "
-           "and many iterations floods the box's outside into colour-connected regions (mal.crf_loss)")
-    g("--crf-size", type=int, default=None,
-      help="resolution the CRF loss's mean field runs at (default: --loss-size)")
-    flood = mal.Flood()
-    g("--flood", action=argparse.BooleanOptionalAction, default=False,
-      help="the CRF loss's labels lose what a flood of the box's outside takes from them in pieces at least "
-           "2·FLOOD_OPEN+1 px across (mal.Flood, mal.crf_loss)")
-    g("--flood-open", type=int, default=flood.open_radius, help="the flood's opening radius")
-    g("--flood-iters", type=int, default=flood.iters, help="the flood's mean-field iterations")
-    g("--flood-size", type=int, default=flood.size, help="the resolution the flood runs at")
-    g("--flood-zeta", type=float, default=flood.zeta, help="the flood's colour bandwidth ζ")
-    g("--flood-omega", type=float, default=flood.omega, help="the flood's pairwise weight ω")
-    g("--flood-unary", type=float, default=flood.unary_weight, help="the flood's unary weight τ")
-    g("--gt-masks", action="store_true",
-      help="the fully supervised upper bound, not MAL: train the same network on the JSON's GT masks "
-           "(dice + BCE) instead of the box losses, to measure MAL's retention")
-    g = p.add_argument_group("run").add_argument
-    g("--out", default=None, help="run folder (last.pt, best.pt, log.jsonl, val.jsonl); default runs/mal, "
-                                  "demo/run for the embedded demo")
-    g("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as OUT/epoch_N.pt")
-    g("--resume", nargs="?", const="last", default=None,
-      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
-    g("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
-    g("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
-    g("--save-minutes", type=float, default=10.0, help="write last.pt about this often between epoch ends")
-    g("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
-    g("--log-every", type=float, default=5.0, help="seconds between progress lines")
-    g("--compile", action="store_true", help="torch.compile the task network and the teacher")
+RESUME_KEYS = ("model_args", "world", "batch_size", "accum", "epochs", "seed")
 
 
 def get_args(argv=None):
-    demo = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
-                    f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in recipes.DEMO.items())
-    p = argparse.ArgumentParser(description="Train MAL (phase 1) on a COCO-format box set. Without --demo: "
-                                            "the paper's recipe (ViT-B/16 at 512², for GPUs).",
-                                formatter_class=util.HelpFormatter)
-    p.add_argument("--demo", action="store_true",
-                   help=f"the CPU recipe (the default with no arguments), on the embedded demo set unless "
-                        f"--train-json is given; it sets {demo.replace('%', '%%')} "
-                        f"(flags given override them)")
-    _flags(p)
+    """train.py's flags (options.train_parser) read into the run's settings: the recipe (the paper's,
+    or --demo's) under the flags given, the run settings and the losses (args.loss, a
+    recipes.LossConfig) under --recipe's items, then --paper-loss."""
+    p = options.train_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or p.parse_args(argv).demo:
-        p.set_defaults(**recipes.DEMO)
+    demo = not argv or p.parse_args(argv).demo
+    run, loss = dict(recipes.RUN_SETTINGS), recipes.LossConfig()
+    if demo:
+        p.set_defaults(**{k: v for k, v in recipes.DEMO.items() if k in recipes.DEMO_FLAGS})
+        run.update({k: v for k, v in recipes.DEMO.items() if k in recipes.RUN_SETTINGS})
+        loss = recipes.DEMO["loss"]
     args = p.parse_args(argv)
-    args.demo = args.demo or not argv
+    try:
+        loss, run = recipes.read_recipe(args.recipe, loss, run)
+    except ValueError as e:
+        p.error(f"--recipe {e}")
+    vars(args).update(run)
+    args.loss = loss.paper() if args.paper_loss else loss
+    args.demo = demo
     args.demo_data = args.demo and not args.train_json
     if args.demo_data:
         for k, v in recipes.DEMO_DATA.items():
@@ -145,6 +76,8 @@ def get_args(argv=None):
             flag = "--" + key.replace("_", "-")
             if not any(a == flag or a.startswith(flag + "=") for a in argv):
                 setattr(args, key, None)
+    if args.arch is not None and args.arch not in mal.VIT_CONFIGS:
+        p.error(f"--arch {args.arch}: not one of {', '.join(mal.VIT_CONFIGS)}")
     if not args.train_json or not args.images:
         p.error("--train-json and --images are required (or run with no arguments for the demo)")
     if bool(args.val_json) != bool(args.val_images):
@@ -175,15 +108,43 @@ def check_inputs(args):
                       f"under {folder}; their boxes will be skipped", file=sys.stderr)
 
 
+def pretrained_cache():
+    """Where the named encoders are kept: torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def pretrained_file(init, download=True):
+    """The local file of --init: a path as it is, or a recipes.PRETRAINED name's file in pretrained_cache(),
+    downloaded first when absent (download=False: only looked up). A one-line error for a name that
+    is neither, and, when the download fails (no network), one that says which file to fetch and where
+    to put it."""
+    if os.path.exists(init) or init not in recipes.PRETRAINED:
+        if not os.path.exists(init) and os.sep not in init and not init.endswith((".pth", ".pt")):
+            raise util.InputError(f"{init}: neither a file nor a known encoder "
+                                  f"({', '.join(recipes.PRETRAINED)})")
+        return init
+    url = recipes.PRETRAINED[init]
+    path = os.path.join(pretrained_cache(), os.path.basename(url))
+    if os.path.exists(path) or not download:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, progress=True)  # to a temporary file, then renamed
+    except (OSError, urllib.error.URLError) as e:
+        raise util.InputError(f"{init}: cannot download {url} ({getattr(e, 'reason', e)}); fetch it on a "
+                              f"machine that is online and put it at {path}") from None
+    return path
+
+
 def encoder_from_init(args, d):
     """--init's file (a named encoder is downloaded by rank 0 first) and the encoder it holds: --arch,
     --patch-size and --depth left unset take the weights'; given, they must agree (--depth may keep
     fewer blocks than the weights have). Returns the weights as mal.read_pretrained reads them, read
     once for make_model."""
     if d.rank == 0:
-        recipes.pretrained_file(args.init)
+        pretrained_file(args.init)
     util.barrier(d)
-    args.init = recipes.pretrained_file(args.init, download=False)
+    args.init = pretrained_file(args.init, download=False)
     try:
         weights = mal.read_pretrained(args.init)
         found = mal.pretrained_arch(weights[0], args.init)
@@ -210,11 +171,9 @@ def make_data(args, d):
     dataset = data.BoxDataset(args.train_json, args.images, size=args.img_size, train=True,
                               min_area=args.min_area, theta=args.theta, seed=args.seed,
                               gt_masks=args.gt_masks, color_aug=args.color_aug)
-    if args.group_by_image:  # each image decoded ~once per epoch, batches hold boxes of few images
-        sampler = data.ImageGroupedSampler(dataset, shuffle=True, world=d.world, rank=d.rank)
-    else:  # every box in a random place: diverse batches, one decode per box (per-worker cache aside)
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, d.world, d.rank, shuffle=True,
-                                                                  seed=args.seed, drop_last=True)
+    # every box in a random place: diverse batches, one decode per box (per-worker cache aside)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, d.world, d.rank, shuffle=True,
+                                                              seed=args.seed, drop_last=True)
     return dataset, sampler, util.steps_per_epoch(sampler, args.batch_size, args.accum, d.world,
                                                   f"{args.train_json}: {len(dataset)} usable boxes")
 
@@ -262,7 +221,8 @@ class Run:
             state = {"model_args": self.model_args, "task": self.net.state_dict(),
                      "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(),
                      "step": self.step, "epoch": self.epoch, "world": self.d.world,
-                     "rng": rng, "args": vars(self.args), "best": self.best,
+                     "rng": rng, "args": dict(vars(self.args), loss=dataclasses.asdict(self.args.loss)),
+                     "best": self.best,
                      "label_settings": dataclasses.asdict(recipes.label_settings(self.args))}
             for path in paths:
                 with util.atomic_file(path) as f:
@@ -323,10 +283,8 @@ class Log:
         means = {k: v / max(n, 1) for k, v in zip(self.names, means)}
         rate = (step - self.step0) * self.global_batch / (time.time() - self.t0)
         eta = (self.stop_step - step) * self.global_batch / max(rate, 1e-9)
-        a = self.args
-        weights = {} if a.gt_masks else dict(zip(("w_mil", "w_crf"), mal.loss_weights(
-            step - 1, alpha_mil=a.alpha_mil, alpha_crf=a.alpha_crf, mil_ramp=a.mil_ramp,
-            crf_ramp=a.crf_ramp)))
+        weights = ({} if self.args.gt_masks else
+                   dict(zip(("w_mil", "w_crf"), objective.loss_weights(step - 1, self.args.loss))))
         rec = dict(epoch=epoch, step=step, total=self.stop_step, **means, **weights, lr=lr, crops_per_s=rate,
                    eta_s=eta, unreadable=self.unreadable)
         parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
@@ -356,15 +314,6 @@ def check_teacher(d, teacher):
         raise RuntimeError("the EMA teacher differs between ranks")
 
 
-def loss_options(args):
-    """mal.mal_loss's keyword arguments from the flags (Eq. 1-5, the ramps, the flood)."""
-    return dict(alpha_mil=args.alpha_mil, alpha_crf=args.alpha_crf, mil_ramp=args.mil_ramp,
-                crf_ramp=args.crf_ramp, loss_size=args.loss_size, crf_iters=args.crf_iters, zeta=args.zeta,
-                omega=args.omega, crf_unary=args.crf_unary, crf_size=args.crf_size,
-                flood=mal.Flood(args.flood_iters, args.flood_zeta, args.flood_omega, args.flood_unary,
-                                args.flood_size, args.flood_open) if args.flood else None)
-
-
 def seconds_per_crop(net, teacher, size, device):
     """One crop through the task network, forward and backward, and the teacher, timed; the weights,
     their gradients (none before the first step) and the random state are left as they were."""
@@ -386,11 +335,11 @@ def announce(args, d, run, schedule, stop_step, global_batch, demo_command):
     code that checks)."""
     log = util.rank0_log(d)
     log(f"{args.arch}/{args.patch_size} at {args.img_size}px on {d.world}× {d.device.type}: {schedule}"
-        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.mil_ramp} and "
-                                    f"{args.crf_ramp} steps (the total loss may rise meanwhile)"))
+        + ("" if args.gt_masks else f"; the MIL and CRF loss weights ramp in over {args.loss.mil_ramp} and "
+                                    f"{args.loss.crf_ramp} steps (the total loss may rise meanwhile)"))
     util.dataloader_warning_once()
     ramps = [("--warmup-steps", args.warmup_steps)]
-    ramps += [] if args.gt_masks else [("--mil-ramp", args.mil_ramp), ("--crf-ramp", args.crf_ramp)]
+    ramps += [] if args.gt_masks else [("mil_ramp", args.loss.mil_ramp), ("crf_ramp", args.loss.crf_ramp)]
     long = [f"{flag} {n}" for flag, n in ramps if n > stop_step]
     if long:
         log(f"train.py: warning: {' and '.join(long)} steps, longer than the run's {stop_step}: the learning "
@@ -455,9 +404,8 @@ def train(args, stop, demo_command):
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    loss_kw = loss_options(args)
     progress = Log(args, d, run.step, stop_step, global_batch)
-    clock = util.SaveClock(run.step, args.save_minutes, args.save_every, d)
+    clock = util.SaveClock(run.step, args.save_minutes, args.save_every or None, d)
     signum = 0
     stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
     while run.step < stop_step and not signum:
@@ -491,15 +439,14 @@ def train(args, stop, demo_command):
                     if args.gt_masks:
                         loss, terms = mal.gt_mask_loss(run_task(image),
                                                        b["gt_mask"].to(d.device, non_blocking=True),
-                                                       loss_size=args.loss_size)
+                                                       loss_size=args.loss.loss_size)
                     else:
                         with torch.no_grad():
                             t_logits = run_teacher(clean)
-                        loss, terms = mal.mal_loss(run_task(image), t_logits, clean, box, run.step, **loss_kw)
+                        loss, terms = objective.loss(run_task(image), t_logits, clean, box, run.step,
+                                                     args.loss)
                     (loss * weight).backward()
                 progress.add(terms, weight)
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
             opt.step()
             opt.zero_grad(set_to_none=True)
             mal.ema_update(teacher, net, args.ema)

@@ -1,8 +1,7 @@
 """Plumbing shared by train.py, pretrain.py, label.py and the rest: one error type for bad input,
 atomic writes, JSON and checkpoint reading with one-line errors, torchrun set-up, AdamW groups,
-the learning-rate schedule, resume checks, progress lines and the help formatter.
+the learning-rate schedule, resume checks and progress lines.
 """
-import argparse
 import contextlib
 import datetime
 import io
@@ -492,13 +491,3 @@ def duration(seconds):
     """Seconds in words a person reads at a glance: 45 s, 12 min, 7.5 h."""
     return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
             else f"{seconds / 3600:.1f} h")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except where there is none to show: None (unset, or said in
-    the help) and off switches."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
