@@ -1,6 +1,6 @@
 """Phase 1 of MAL: train the mask auto-labeler on boxes (§3, recipe of §4.2).
 
-  python train.py                               # the demo: synthetic data, small model, ~7 min on 2 CPU cores
+  python train.py                               # the demo: synthetic data, small model, ~3 min on 2 CPU cores
   python train.py --demo --train-json boxes.json --images DIR --out runs/mine   # the CPU recipe on your boxes
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
