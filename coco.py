@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 import util
 
 
-def bbox_problem(x, y, w, h, width, height):
+def xywh_problem(x, y, w, h, width, height):
     """None if the xywh box is usable on a width x height image (None: size unknown), else
     (kind, reason). label.py applies the same rule before labeling."""
     if not all(math.isfinite(v) for v in (x, y, w, h)):
@@ -146,7 +146,7 @@ def box_problem(ann, image):
     except (TypeError, ValueError):
         return f"non-numeric bbox {b!r}"
     W, H = image.get("width"), image.get("height")
-    problem = bbox_problem(*b, W or None, H or None)
+    problem = xywh_problem(*b, W or None, H or None)
     if problem:
         return f"{problem[1]} ({problem[0].replace('_', ' ')} box {b})"
     x0, y0, x1, y1 = xywh_to_xyxy(b)

@@ -353,8 +353,8 @@ class BoxDataset(torch.utils.data.Dataset):
             bad = ((ix.ann_has_seg[self.rows] == 0) | (self.widths[self.img_rows] <= 0)
                    | (self.heights[self.img_rows] <= 0))
             if bad.any():
-                raise util.InputError(f"annotation {ix.ann_id[self.rows[bad.argmax()]]}: training on GT masks "
-                                      f"needs a segmentation and the image's width and height")
+                raise util.InputError(f"annotation {ix.ann_id[self.rows[bad.argmax()]]}: training on GT "
+                                      f"masks needs a segmentation and the image's width and height")
 
         self._cache = OrderedDict()  # path -> decoded RGB image (per process)
         self.bad_images = {}  # path -> reason (per process)
@@ -581,7 +581,7 @@ class ImageBoxes(torch.utils.data.Dataset):
                 x, y, w, h = (float(v) for v in bbox)
             except (TypeError, ValueError):
                 x = y = w = h = float("nan")
-            problem = coco.bbox_problem(x, y, w, h, W, H)
+            problem = coco.xywh_problem(x, y, w, h, W, H)
             if problem:
                 bad.append((ann_id, problem[1]))
                 continue

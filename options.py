@@ -92,7 +92,7 @@ def train_parser():
 
 
 def label_parser():
-    d = recipes.LabelSettings()
+    s = recipes.LabelSettings()
     p = argparse.ArgumentParser(
         prog="label.py", formatter_class=HelpFormatter,
         description="Label every box of a COCO JSON with a MAL mask. No arguments: the demo (label "
@@ -123,15 +123,15 @@ def label_parser():
     recipe = lambda v: f" (default: the checkpoint's, else {v})"  # noqa: E731
     g = p.add_argument_group("label-time settings (each from the checkpoint unless given)").add_argument
     g("--expand", type=float, help="test-time box expansion (each side's distance from the centre "
-                                   "×(1 + expand))" + recipe(d.expand))
-    g("--thr", type=float, help="mask = probability > thr" + recipe(d.thr))
+                                   "×(1 + expand))" + recipe(s.expand))
+    g("--thr", type=float, help="mask = probability > thr" + recipe(s.thr))
     g("--flip", action=argparse.BooleanOptionalAction,
       help="average with the horizontally flipped crop" + recipe("off"))
     g("--crf-refine", action=argparse.BooleanOptionalAction,
       help="mean-field CRF refinement of each mask" + recipe("off"))
     g("--recipe", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
       help="the other label-time settings, for experiments (recipes.LabelSettings): "
-           + ", ".join(f"{k} {getattr(d, k)}" for k in recipes.LABEL_RECIPE_KEYS)
+           + ", ".join(f"{k} {getattr(s, k)}" for k in recipes.LABEL_RECIPE_KEYS)
            + " (net: task, teacher or avg; crf_iters and crf_size default to the training loss's)")
     g = p.add_argument_group("what else to write").add_argument
     g("--eval", action="store_true", help="evaluate against GT masks: mIoU, mask AP, vs box")

@@ -273,7 +273,7 @@ class Predictor:
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise util.InputError(f"boxes: an N×4 array of x0, y0, x1, y1 is needed, not shape {boxes.shape}")
         for i, (x0, y0, x1, y1) in enumerate(boxes):
-            problem = coco.bbox_problem(x0, y0, x1 - x0, y1 - y0, W, H)
+            problem = coco.xywh_problem(x0, y0, x1 - x0, y1 - y0, W, H)
             if problem:
                 raise util.InputError(f"boxes[{i}] = {boxes[i].tolist()}: {problem[1]}")
         xyxy = [tuple(float(v) for v in b) for b in boxes]
