@@ -4,7 +4,8 @@
   python train.py --demo --train-json boxes.json --images DIR --out runs/mine   # the CPU recipe on your boxes
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
-One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
+One flat loop, this file's steps inside util.Loop (pretrain.py's loop too): rank and world size come
+from torchrun's environment, no framework, no callbacks.
 The run folder holds last.pt (the whole state, written at each epoch's end, about every
 --save-minutes and on Ctrl-C or SIGTERM; --resume continues it exactly), best.pt (the same at the end
 of the epoch with the best validation mIoU, when --val-json is given), epoch_N.pt only with
