@@ -13,22 +13,19 @@ position (all with fixed 2-D sine-cosine position embeddings) and predicts every
 the loss is the mean squared error on the masked patches only, against each patch's pixels
 normalised by that patch's own mean and variance. Only the encoder is kept for MAL.
 
-One flat loop as in train.py: rank and world size come from torchrun's environment. The run folder
-holds last.pt, log.jsonl and vis/ (--vis). last.pt is in MAE's published layout: `model` = the
+The loop is train.py's (util.Loop): rank and world size come from torchrun's environment. The run
+folder holds last.pt (written at each epoch's end, about every --save-minutes and on Ctrl-C or SIGTERM),
+log.jsonl and vis/ (--vis). last.pt is in MAE's published layout: `model` = the
 encoder's keys (mal.VisionTransformer's names) plus decoder_* and mask_token, so mal.load_pretrained
 (train.py --init) and other MAE tools read it; its other top-level keys are what --resume needs.
 """
 import argparse
-import contextlib
-import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -402,7 +399,7 @@ A killed run continues with the same command plus --resume.""")
     a("--seed", type=int, default=0, help="seed of the weights, the data order, the views and the masks")
     a("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
     a("--workers", type=int, default=4, help="DataLoader worker processes per process")
-    a("--save-minutes", type=float, default=10.0, help="write last.pt about this often")
+    a("--save-minutes", type=float, default=10.0, help="write last.pt about this often between epoch ends")
     a("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
     a("--log-every", type=float, default=5.0, help="seconds between progress lines")
     a("--vis", type=int, default=0, help="at the end, write N reconstruction PNGs to OUT/vis/")
@@ -456,31 +453,6 @@ def make_model(args, device, lr):
     return net, model_args, opt
 
 
-def save(path, d, net, opt, mask_rng, model_args, step, epoch, args):
-    """The whole state, written atomically by rank 0; every rank must call it (RNG gather)."""
-    rng = [{"mask": mask_rng.get_state()}]
-    if d.ddp:
-        rng = rng * d.world
-        dist.all_gather_object(rng, rng[0])
-    if d.rank == 0:
-        with util.atomic_file(path) as f:
-            torch.save({"model": net.state_dict(), "model_args": model_args, "optimizer": opt.state_dict(),
-                        "step": step, "epoch": epoch, "world": d.world, "rng": rng, "args": vars(args)}, f)
-
-
-def log_line(logf, sums, epoch, step, stop_step, lr, rate, global_batch, unreadable):
-    """A progress line on stderr and in log.jsonl: the mean loss since the last, rate and ETA."""
-    loss_sum, n = sums.tolist()  # the only host sync, here
-    eta = (stop_step - step) * global_batch / max(rate, 1e-9)
-    rec = dict(epoch=epoch, step=step, total=stop_step, loss=loss_sum / max(n, 1), lr=lr, images_per_s=rate,
-               eta_s=eta, unreadable=unreadable)
-    print(f"epoch {epoch} step {step}/{stop_step} loss {rec['loss']:.4f} lr {lr:.3g} {rate:.1f} img/s "
-          f"ETA {eta / 60:.1f} min" + (f" ({unreadable} unreadable views skipped on rank 0)" if unreadable
-                                       else ""), file=sys.stderr, flush=True)
-    logf.write(json.dumps(rec) + "\n")
-    logf.flush()
-
-
 RESUME_KEYS = ("model_args", "world", "views", "batch_size", "accum", "epochs", "seed", "mask_ratio",
                "norm_pix")
 
@@ -512,7 +484,7 @@ def pretrain(args, stop):
                                "pretrain.py") if ckpt_path else None
     except util.InputError as e:
         util.fail("pretrain.py", e)
-    device, master = d.device, d.rank == 0
+    device = d.device
     log = util.rank0_log(d)
     log(f"views: {args.views} at {args.img_size}px, {dataset.describe()}")
     os.makedirs(args.out, exist_ok=True)
@@ -538,72 +510,44 @@ def pretrain(args, stop):
         f"{args.decoder_depth}×{args.decoder_dim} on {d.world}× {device.type}: "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
         f"global batch {global_batch}, peak lr {peak_lr:.3g}, warm-up {warmup} steps")
-    logf = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    t_log, t0, step0 = time.time(), time.time(), step
-    sums, unreadable, reported = None, 0, set()  # this rank's skipped views, and the errors it has printed
-    clock = util.SaveClock(step, args.save_minutes, args.save_every, d)
-    state = lambda: (d, net, opt, mask_rng, model_args, step, epoch, args)  # noqa: E731  what save() writes
-    signum = 0
+    reported = set()  # the unreadable images' errors this rank has printed
     util.dataloader_warning_once()
-    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
-    while step < stop_step and not signum:
-        # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        done_in_epoch = step - epoch * steps_per_epoch
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size,
-            sampler=util.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
-            num_workers=args.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
-            drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
-        batches = iter(loader)
-        for _ in range(done_in_epoch, steps_per_epoch):
-            lr = util.lr_at(step, total_steps, peak_lr, warmup, 0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            for micro in range(args.accum):
-                b = next(batches)
-                for err in b["errors"]:
-                    if err not in reported:
-                        reported.add(err)
-                        print(f"pretrain: skipping unreadable image {err}", file=sys.stderr, flush=True)
-                unreadable += len(b["errors"])
-                images, weight = b["image"], 1.0 / args.accum
-                if len(images) == 0:  # every view unreadable: still join DDP's all-reduce, weighted 0
-                    images, weight = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8), 0.0
-                images = data.normalize(images.to(device, non_blocking=True))
-                ids_keep, mask = random_masking(len(images), num_patches, args.mask_ratio, mask_rng)
-                sync = micro == args.accum - 1 or not d.ddp
-                with autocast, (contextlib.nullcontext() if sync else model.no_sync()):
-                    pred = model(images, ids_keep.to(device, non_blocking=True))
-                    loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True),
-                                               args.patch_size, args.norm_pix)
-                    (loss * weight).backward()
-                term = torch.stack([loss.detach(), torch.ones_like(loss)]) * (weight > 0)
-                sums = term if sums is None else sums + term
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if master and (time.time() - t_log > args.log_every or step == stop_step):
-                log_line(logf, sums, epoch, step, stop_step, lr,
-                         (step - step0) * global_batch / (time.time() - t0), global_batch, unreadable)
-                t_log, t0, step0, sums = time.time(), time.time(), step, None
-            if clock.due(step):
-                save(os.path.join(args.out, "last.pt"), *state())
-            signum = stop.requested()
-            if step >= stop_step or signum:
-                break
-        del batches, loader
-        if step == (epoch + 1) * steps_per_epoch:
-            epoch += 1
-    save(os.path.join(args.out, "last.pt"), *state())
-    if signum:
-        util.shutdown(d)
-        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {step} of {stop_step}")
-    unreadable = int(util.all_reduce(d, torch.tensor([unreadable], device=device)).item())
-    log(f"done: step {step}, {os.path.join(args.out, 'last.pt')}"
+    # last.pt is in MAE's layout: `model` the encoder and the decoder, the rest what --resume needs
+    loop = util.Loop(args, d, stop, dataset, sampler, collate_views, steps_per_epoch, stop_step, step=step,
+                     epoch=epoch, rng_state=lambda: {"mask": mask_rng.get_state()},
+                     checkpoint=lambda **position: {"model": net.state_dict(), "model_args": model_args,
+                                                    "optimizer": opt.state_dict(), **position},
+                     rate=("img/s", "images_per_s"), samples="views")
+    while loop.next_step():
+        lr = util.lr_at(loop.step, total_steps, peak_lr, warmup, 0.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for b, weight, sync in loop.micro_batches(model):
+            for err in b["errors"]:
+                if err not in reported:
+                    reported.add(err)
+                    print(f"pretrain: skipping unreadable image {err}", file=sys.stderr, flush=True)
+            loop.progress.unreadable += len(b["errors"])
+            images = b["image"]
+            if not weight:  # every view unreadable: a dummy, so that the rank still joins DDP's all-reduce
+                images = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8)
+            images = data.normalize(images.to(device, non_blocking=True))
+            ids_keep, mask = random_masking(len(images), num_patches, args.mask_ratio, mask_rng)
+            with autocast, sync:
+                pred = model(images, ids_keep.to(device, non_blocking=True))
+                loss = reconstruction_loss(pred, images, mask.to(device, non_blocking=True),
+                                           args.patch_size, args.norm_pix)
+                (loss * weight).backward()
+            loop.progress.add({"loss": loss.detach()}, weight)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if loop.end_step(lr):
+            loop.save()
+    loop.finish()
+    unreadable = int(util.all_reduce(d, torch.tensor([loop.progress.unreadable], device=device)).item())
+    log(f"done: step {loop.step}, {loop.last}"
         + (f"; {unreadable} unreadable views skipped on {d.world} ranks" if unreadable else ""))
-    if master and args.vis:
+    if d.rank == 0 and args.vis:
         written = write_reconstructions(net, dataset, args.vis, os.path.join(args.out, "vis"), device,
                                         args.mask_ratio, args.seed, autocast, args.norm_pix)
         log(f"{len(written)} reconstructions in {os.path.join(args.out, 'vis')}")

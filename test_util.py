@@ -1,4 +1,6 @@
-"""util.py: checkpoint and JSON reading say in one line what a file is not; the save clock; AdamW groups."""
+"""util.py: checkpoint and JSON reading say in one line what a file is not; the save clock; AdamW groups;
+the training loop's data order, accumulation and checkpoint position."""
+import argparse
 import json
 import pickle
 import sys
@@ -126,3 +128,66 @@ def test_a_collective_waits_until_its_tensors_are_let_go():
 
     util._collective(run, (t,))
     assert let_go
+
+
+class Numbers(torch.utils.data.Dataset):
+    """Sample i of epoch e is the pair (i, e)."""
+
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        return {"image": torch.tensor([i, self.epoch])}
+
+
+def run_loop(out, model, d, step, epoch, stop_step):
+    """util.Loop from a position (step, epoch) to stop_step, 2 micro-batches of 2 a step, 5 steps an epoch:
+    (step, the micro-batch's samples, whether DDP all-reduces its gradients) for each, and last.pt."""
+    out.mkdir()
+    args = argparse.Namespace(batch_size=2, accum=2, workers=0, seed=5, out=str(out), save_minutes=10.0,
+                              save_every=None, log_every=1e9)
+    dataset = Numbers(21)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, 1, 0, seed=5, drop_last=True)
+    loop = util.Loop(args, d, util.Stop("test", lambda: ("", "")), dataset, sampler, None, 5, stop_step,
+                     step=step, epoch=epoch, checkpoint=lambda **position: position,
+                     rng_state=lambda: {"r": 1}, rate=("samples/s", "samples_per_s"), samples="samples")
+    seen = []
+    while loop.next_step():
+        for b, weight, sync in loop.micro_batches(model):
+            with sync:
+                seen.append((loop.step, b["image"].tolist(), model.require_backward_grad_sync))
+            loop.progress.add({"loss": torch.zeros(())}, weight)
+        if loop.end_step(0.1):
+            loop.save()
+    loop.finish()
+    return seen, torch.load(out / "last.pt", weights_only=True)
+
+
+def test_a_loop_resumed_anywhere_sees_the_batches_of_one_that_never_stopped(tmp_path):
+    """From a mid-epoch step, or an epoch's last step whose end the checkpoint has not counted, the loop
+    goes on with the samples an uninterrupted loop takes; DDP all-reduces on a step's last micro-batch
+    only; last.pt holds the position and every rank's random state."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        d = util.Dist(True, 0, 1, torch.device("cpu"))
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
+        straight, ck = run_loop(tmp_path / "a", model, d, 0, 0, 12)
+        assert [s[0] for s in straight] == [s // 2 for s in range(24)]
+        assert [s[2] for s in straight] == [False, True] * 12
+        assert [s[1][0][1] for s in straight] == [0] * 10 + [1] * 10 + [2] * 4  # the samples' epochs
+        epoch0 = [i for s in straight[:10] for i, _ in s[1]]
+        assert sorted(epoch0) == sorted(set(epoch0)) and epoch0 != sorted(epoch0)  # shuffled, none twice
+        assert ((ck["step"], ck["epoch"], ck["world"], ck["rng"], ck["args"]["accum"])
+                == (12, 2, 1, [{"r": 1}], 2))
+        for step, epoch in ((7, 1), (5, 0), (5, 1)):
+            resumed, ck = run_loop(tmp_path / f"{step}_{epoch}", model, d, step, epoch, 12)
+            assert resumed == [s for s in straight if s[0] >= step], (step, epoch)
+            assert (ck["step"], ck["epoch"]) == (12, 2)
+    finally:
+        dist.destroy_process_group()

@@ -4,7 +4,8 @@
   python train.py --demo --train-json boxes.json --images DIR --out runs/mine   # the CPU recipe on your boxes
   torchrun --nproc_per_node 8 train.py --train-json ... --images ... --out runs/coco  # the paper's, 8 GPUs
 
-One flat loop: rank and world size come from torchrun's environment, no framework, no callbacks.
+One flat loop, this file's steps inside util.Loop (pretrain.py's loop too): rank and world size come
+from torchrun's environment, no framework, no callbacks.
 The run folder holds last.pt (the whole state, written at each epoch's end, about every
 --save-minutes and on Ctrl-C or SIGTERM; --resume continues it exactly), best.pt (the same at the end
 of the epoch with the best validation mIoU, when --val-json is given), epoch_N.pt only with
@@ -19,7 +20,6 @@ import options
 if __name__ == "__main__":
     options.train_parser().parse_known_args()  # --help answers before torch loads
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +28,6 @@ import time
 import urllib.error
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import coco
@@ -36,7 +35,6 @@ import data
 import evaluation
 import mal
 import objective
-import options
 import recipes
 import synthetic
 import util
@@ -198,49 +196,43 @@ def make_model(args, device, lr, init=None):
 
 
 class Run:
-    """The state a checkpoint holds, and its saving: every rank calls save() (it gathers their RNG states)."""
+    """What a checkpoint holds besides the loop's position (util.Loop): the task network, the EMA teacher,
+    the optimizer, the best validation epoch and the label settings this run recommends."""
 
     def __init__(self, args, d, net, teacher, opt, model_args):
         self.args, self.d, self.net, self.teacher, self.opt, self.model_args = (args, d, net, teacher, opt,
                                                                                 model_args)
-        self.step, self.epoch, self.best = 0, 0, {"epoch": None, "miou": float("-inf")}
+        self.best = {"epoch": None, "miou": float("-inf")}
 
     def resume(self, ck):
         self.net.load_state_dict(ck["task"])
         self.opt.load_state_dict(ck["optimizer"])
-        self.step, self.epoch, self.best = ck["step"], ck["epoch"], ck.get("best", self.best)
+        self.best = ck.get("best", self.best)
 
-    def save(self, *paths):
+    def rng_state(self):
         device = self.d.device
-        rng = [{"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}]
-        if self.d.ddp:
-            rng = rng * self.d.world
-            dist.all_gather_object(rng, rng[0])
-        if self.d.rank == 0:
-            state = {"model_args": self.model_args, "task": self.net.state_dict(),
-                     "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "world": self.d.world,
-                     "rng": rng, "args": dict(vars(self.args), loss=dataclasses.asdict(self.args.loss)),
-                     "best": self.best,
-                     "label_settings": dataclasses.asdict(recipes.label_settings(self.args))}
-            for path in paths:
-                with util.atomic_file(path) as f:
-                    torch.save(state, f)
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def checkpoint(self, **position):
+        position["args"] = dict(position["args"], loss=dataclasses.asdict(self.args.loss))  # plain data
+        return {"model_args": self.model_args, "task": self.net.state_dict(),
+                "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(), **position,
+                "best": self.best,
+                "label_settings": dataclasses.asdict(recipes.label_settings(self.args))}
 
 
-def epoch_end(args, run, run_dir):
-    """A whole epoch done: validate (rank 0), then save last.pt (and best.pt, epoch_N.pt)."""
-    run.epoch += 1
-    paths = [os.path.join(run_dir, "last.pt")]
-    if args.keep_epochs:
-        paths.append(os.path.join(run_dir, f"epoch_{run.epoch}.pt"))
+def epoch_end(args, run, loop):
+    """A whole epoch done (loop.epoch counts it): validate (rank 0), then save last.pt (and best.pt,
+    epoch_N.pt)."""
+    paths = [os.path.join(args.out, f"epoch_{loop.epoch}.pt")] if args.keep_epochs else []
     if run.d.rank == 0 and args.val_json:
-        miou = log_validation(args, run.net, run.teacher, run.d.device, run.epoch, run.step)["miou"]
+        with loop.progress.paused():
+            miou = log_validation(args, run.net, run.teacher, run.d.device, loop.epoch, loop.step)["miou"]
         if miou > run.best["miou"]:  # a NaN mIoU never is
-            run.best = {"epoch": run.epoch, "miou": miou}
-            paths.append(os.path.join(run_dir, "best.pt"))
-    run.save(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
+            run.best = {"epoch": loop.epoch, "miou": miou}
+            paths.append(os.path.join(args.out, "best.pt"))
+    loop.save(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
 
 
 def log_validation(args, net, teacher, device, epoch, step):
@@ -254,48 +246,6 @@ def log_validation(args, net, teacher, device, epoch, step):
     with open(os.path.join(args.out, "val.jsonl"), "a") as f:
         f.write(json.dumps(dict(epoch=epoch, step=step, **res)) + "\n")
     return res
-
-
-class Log:
-    """Progress lines on stderr and log.jsonl (rank 0): the loss terms' means since the last line,
-    the loss weights of the step just taken (while they ramp in the total loss can rise), rate, ETA."""
-
-    def __init__(self, args, d, step, stop_step, global_batch):
-        self.args, self.stop_step, self.global_batch = args, stop_step, global_batch
-        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if d.rank == 0 else None
-        self.t_line = self.t0 = time.time()
-        self.step0, self.sums, self.names, self.unreadable = step, None, None, 0
-
-    def add(self, terms, weight):
-        """One micro-step's loss terms (a dict of 0-d tensors); a zero weight keeps a dummy crop out."""
-        self.names = list(terms)
-        t = torch.stack(list(terms.values()) + [torch.ones_like(terms["loss"])]) * (weight > 0)
-        self.sums = t if self.sums is None else self.sums + t
-
-    def pause(self, seconds):
-        self.t0 += seconds  # the rate and ETA count training time only
-
-    def line(self, epoch, step, lr):
-        if self.file is None or not (time.time() - self.t_line > self.args.log_every
-                                     or step == self.stop_step):
-            return
-        *means, n = self.sums.tolist()  # .tolist() only here: no host syncs inside the loop
-        means = {k: v / max(n, 1) for k, v in zip(self.names, means)}
-        rate = (step - self.step0) * self.global_batch / (time.time() - self.t0)
-        eta = (self.stop_step - step) * self.global_batch / max(rate, 1e-9)
-        weights = ({} if self.args.gt_masks else
-                   dict(zip(("w_mil", "w_crf"), objective.loss_weights(step - 1, self.args.loss))))
-        rec = dict(epoch=epoch, step=step, total=self.stop_step, **means, **weights, lr=lr, crops_per_s=rate,
-                   eta_s=eta, unreadable=self.unreadable)
-        parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        print(f"epoch {epoch} step {step}/{self.stop_step} loss {means['loss']:.4f} ({parts}"
-              + "".join(f", {k} {v:.3g}" for k, v in weights.items()) + ") "
-              f"lr {lr:.3g} {rate:.1f} crops/s ETA {eta / 60:.1f} min"
-              + (f" ({self.unreadable} unreadable crops skipped on rank 0)" if self.unreadable else ""),
-              file=sys.stderr, flush=True)
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        self.t_line, self.t0, self.step0, self.sums = time.time(), time.time(), step, None
 
 
 def dummy_batch(size):
@@ -328,7 +278,7 @@ def seconds_per_crop(net, teacher, size, device):
     return time.perf_counter() - t0
 
 
-def announce(args, d, run, schedule, stop_step, global_batch, demo_command):
+def announce(args, d, run, schedule, step, stop_step, global_batch, demo_command):
     """What is about to run, before the first step (rank 0), and a warning for each of: a warm-up or
     loss ramp longer than the run; a run on the CPU that is not --demo (what it is, its time from one
     timed crop, the --demo command); torch's DataLoader worker warning (once, not once per line of its
@@ -346,7 +296,7 @@ def announce(args, d, run, schedule, stop_step, global_batch, demo_command):
             f"rate or loss weight never reaches its full value")
     if d.device.type == "cpu" and not args.demo and d.rank == 0:
         secs = seconds_per_crop(run.net, run.teacher, args.img_size, d.device)
-        steps, crops = stop_step - run.step, global_batch // d.world  # a rank's crops a step
+        steps, crops = stop_step - step, global_batch // d.world  # a rank's crops a step
         log(f"train.py: warning: no GPU and no --demo: {steps} steps of {global_batch} crops of "
             f"{args.arch}/{args.patch_size} at {args.img_size}px take about "
             f"{util.duration(secs * crops * steps)} on this CPU ({secs:.2f} s a crop, timed). "
@@ -388,9 +338,10 @@ def train(args, stop, demo_command):
     stop_step = min(total_steps, args.max_steps or total_steps)
     teacher = mal.make_teacher(net)  # the EMA teacher (§3.2)
     run = Run(args, d, net, teacher, opt, model_args)
+    step, epoch = (ck["step"], ck["epoch"]) if ck else (0, 0)
     if ck:
         run.resume(ck)
-        log(f"resumed {ckpt_path} at step {run.step} (epoch {run.epoch})")
+        log(f"resumed {ckpt_path} at step {step} (epoch {epoch})")
     torch.manual_seed(args.seed + 1000003 * d.rank)  # each rank its own stochastic-depth masks
     if ck:
         teacher.load_state_dict(ck["teacher"])
@@ -398,82 +349,52 @@ def train(args, stop, demo_command):
         if d.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"][d.rank]["cuda"], d.device)
     announce(args, d, run, f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, stop at {stop_step}; "
-             f"global batch {global_batch}, peak lr {peak_lr:.3g}", stop_step, global_batch, demo_command)
+             f"global batch {global_batch}, peak lr {peak_lr:.3g}", step, stop_step, global_batch,
+             demo_command)
     # DDP broadcasts rank 0's weights; the teacher is then updated identically on every rank.
     task = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.ddp else net
     run_task, run_teacher = (torch.compile(task), torch.compile(teacher)) if args.compile else (task, teacher)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    progress = Log(args, d, run.step, stop_step, global_batch)
-    clock = util.SaveClock(run.step, args.save_minutes, args.save_every or None, d)
-    signum = 0
-    stop.loop(d)  # from here a signal ends the run after its step, with last.pt saved
-    while run.step < stop_step and not signum:
-        # --- one epoch; a resumed run starts where the checkpoint's epoch stopped ---
-        dataset.set_epoch(run.epoch)  # the augmentations' seeds (and the grouped sampler's order)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(run.epoch)
-        done_in_epoch = run.step - run.epoch * steps_per_epoch
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size,
-            sampler=util.SkipSampler(sampler, done_in_epoch * args.batch_size * args.accum),
-            num_workers=args.workers, collate_fn=data.collate_boxes, pin_memory=d.device.type == "cuda",
-            drop_last=True, persistent_workers=False,
-            generator=torch.Generator().manual_seed(args.seed + run.epoch))
-        batches = iter(loader)
-        for _ in range(done_in_epoch, steps_per_epoch):
-            lr = util.lr_at(run.step, total_steps, peak_lr, args.warmup_steps, peak_lr * args.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            for micro in range(args.accum):
-                b = next(batches)
-                # crops of missing / corrupt images (data.py names each once)
-                progress.unreadable += b["n_invalid"]
-                weight = 1.0 / args.accum if len(b["image"]) else 0.0
-                b = b if weight else dummy_batch(args.img_size)
-                image = data.normalize(b["image"].to(d.device, non_blocking=True))
-                clean = data.normalize(b["teacher_image"].to(d.device, non_blocking=True))
-                box = b["box_mask"].to(d.device, non_blocking=True)
-                sync = micro == args.accum - 1 or not d.ddp
-                with autocast, (contextlib.nullcontext() if sync else task.no_sync()):
-                    if args.gt_masks:
-                        loss, terms = mal.gt_mask_loss(run_task(image),
-                                                       b["gt_mask"].to(d.device, non_blocking=True),
-                                                       loss_size=args.loss.loss_size)
-                    else:
-                        with torch.no_grad():
-                            t_logits = run_teacher(clean)
-                        loss, terms = objective.loss(run_task(image), t_logits, clean, box, run.step,
-                                                     args.loss)
-                    (loss * weight).backward()
-                progress.add(terms, weight)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            mal.ema_update(teacher, net, args.ema)
-            run.step += 1
-            progress.line(run.epoch, run.step, lr)
-            if clock.due(run.step) and run.step % steps_per_epoch:  # an epoch's end saves below
-                paused = time.time()
-                run.save(os.path.join(args.out, "last.pt"))
-                progress.pause(time.time() - paused)
-            signum = stop.requested()
-            if run.step >= stop_step or signum:
-                break
-        del batches, loader
-        if run.step == (run.epoch + 1) * steps_per_epoch:
-            paused = time.time()
-            epoch_end(args, run, args.out)
-            progress.pause(time.time() - paused)
-    if run.step % steps_per_epoch:  # else the epoch's end has just saved it
-        run.save(os.path.join(args.out, "last.pt"))
-    if signum:
-        util.shutdown(d)
-        stop.exit(signum, f"{os.path.join(args.out, 'last.pt')} at step {run.step} of {stop_step}")
-    log(f"done: step {run.step}, {os.path.join(args.out, 'last.pt')}"
+    loop = util.Loop(args, d, stop, dataset, sampler, data.collate_boxes, steps_per_epoch, stop_step,
+                     step=step, epoch=epoch, checkpoint=run.checkpoint, rng_state=run.rng_state,
+                     rate=("crops/s", "crops_per_s"), samples="crops")
+    while loop.next_step():
+        lr = util.lr_at(loop.step, total_steps, peak_lr, args.warmup_steps, peak_lr * args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for b, weight, sync in loop.micro_batches(task):
+            # crops of missing / corrupt images (data.py names each once)
+            loop.progress.unreadable += b["n_invalid"]
+            b = b if weight else dummy_batch(args.img_size)
+            image = data.normalize(b["image"].to(d.device, non_blocking=True))
+            clean = data.normalize(b["teacher_image"].to(d.device, non_blocking=True))
+            box = b["box_mask"].to(d.device, non_blocking=True)
+            with autocast, sync:
+                if args.gt_masks:
+                    loss, terms = mal.gt_mask_loss(run_task(image),
+                                                   b["gt_mask"].to(d.device, non_blocking=True),
+                                                   loss_size=args.loss.loss_size)
+                else:
+                    with torch.no_grad():
+                        t_logits = run_teacher(clean)
+                    loss, terms = objective.loss(run_task(image), t_logits, clean, box, loop.step, args.loss)
+                (loss * weight).backward()
+            loop.progress.add(terms, weight)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mal.ema_update(teacher, net, args.ema)
+        # the loss weights of the step just taken: while they ramp in, the total loss can rise
+        weights = ({} if args.gt_masks
+                   else dict(zip(("w_mil", "w_crf"), objective.loss_weights(loop.step, args.loss))))
+        if loop.end_step(lr, weights):
+            epoch_end(args, run, loop)
+    loop.finish()
+    log(f"done: step {loop.step}, {loop.last}"
         + (f"; best.pt: epoch {run.best['epoch']}, mIoU {run.best['miou']:.3f}"
            if run.best["epoch"] is not None else ""))
-    if d.rank == 0 and args.demo and args.val_json and run.step % steps_per_epoch:
-        log_validation(args, net, teacher, d.device, run.epoch, run.step)  # epoch ends have just validated
+    if d.rank == 0 and args.demo and args.val_json and loop.step % steps_per_epoch:
+        log_validation(args, net, teacher, d.device, loop.epoch, loop.step)  # epoch ends have just validated
     if d.ddp:
         check_teacher(d, teacher)
         log(f"teacher identical on all {d.world} ranks")

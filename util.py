@@ -1,6 +1,7 @@
 """Plumbing shared by train.py, pretrain.py, label.py and the rest: one error type for bad input,
 atomic writes, JSON and checkpoint reading with one-line errors, torchrun set-up, AdamW groups,
-the learning-rate schedule, resume checks and progress lines.
+the learning-rate schedule, resume checks, and the training loop of train.py and pretrain.py (Loop,
+with its progress lines).
 """
 import contextlib
 import datetime
@@ -456,13 +457,13 @@ def rank0_log(d):
 
 
 class SaveClock:
-    """When to write last.pt between epoch ends: every `steps` optimizer steps, or (steps None) about
+    """When to write last.pt between epoch ends: every `steps` optimizer steps, or (steps None or 0) about
     every `minutes`, so that a killed run repeats minutes, not hours. The minutes become a step
     interval after the first `calibrate` steps, from the slowest rank's time: every rank must take
     part in a save (it gathers their RNG states), so all decide at the same steps."""
 
     def __init__(self, start_step, minutes=10.0, steps=None, d=None, calibrate=20):
-        self.minutes, self.interval, self.d, self.calibrate = minutes, steps, d, calibrate
+        self.minutes, self.interval, self.d, self.calibrate = minutes, steps or None, d, calibrate
         self.anchor, self.t0, self.step0 = 0, time.time(), start_step
 
     def due(self, step):
@@ -475,6 +476,170 @@ class SaveClock:
                 all_reduce(self.d, per_step, op=dist.ReduceOp.MAX)
             self.interval, self.anchor = max(1, round(60 * self.minutes / float(per_step))), step
         return (step - self.anchor) % self.interval == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop that train.py and pretrain.py share
+
+
+class Progress:
+    """Progress lines on stderr and in OUT/log.jsonl (rank 0): the means of the loss terms since the
+    last line, what the command adds of the step just taken (extra), the learning rate, the rate, the
+    ETA and the unreadable samples skipped on rank 0. rate: its unit in the line and its key in
+    log.jsonl; samples: what the command calls a sample (crops, views)."""
+
+    def __init__(self, args, d, step, stop_step, global_batch, rate, samples):
+        self.log_every, self.stop_step, self.global_batch = args.log_every, stop_step, global_batch
+        (self.rate_unit, self.rate_key), self.samples = rate, samples
+        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if d.rank == 0 else None
+        self.t_line = self.t0 = time.time()
+        self.step0, self.sums, self.names, self.unreadable = step, None, None, 0
+
+    def add(self, terms, weight):
+        """One micro-step's loss terms (a dict of 0-d tensors, "loss" among them); a zero weight keeps a
+        dummy batch out."""
+        self.names = list(terms)
+        t = torch.stack(list(terms.values()) + [torch.ones_like(terms["loss"])]) * (weight > 0)
+        self.sums = t if self.sums is None else self.sums + t
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time that is not training (a save, a validation): the rate and the ETA leave it out."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - start
+
+    def line(self, epoch, step, lr, extra):
+        if self.file is None or not (time.time() - self.t_line > self.log_every or step == self.stop_step):
+            return
+        *sums, n = self.sums.tolist()  # .tolist() only here: no host syncs inside the loop
+        means = {k: v / max(n, 1) for k, v in zip(self.names, sums)}
+        rate = (step - self.step0) * self.global_batch / (time.time() - self.t0)
+        eta = (self.stop_step - step) * self.global_batch / max(rate, 1e-9)
+        rec = dict(epoch=epoch, step=step, total=self.stop_step, **means, **extra, lr=lr,
+                   **{self.rate_key: rate}, eta_s=eta, unreadable=self.unreadable)
+        detail = (" ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+                  + "".join(f", {k} {v:.3g}" for k, v in extra.items()))
+        print(f"epoch {epoch} step {step}/{self.stop_step} loss {means['loss']:.4f}"
+              + (f" ({detail})" if detail else "") + f" lr {lr:.3g} {rate:.1f} {self.rate_unit} "
+              f"ETA {eta / 60:.1f} min"
+              + (f" ({self.unreadable} unreadable {self.samples} skipped on rank 0)" if self.unreadable
+                 else ""),
+              file=sys.stderr, flush=True)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.t_line, self.t0, self.step0, self.sums = time.time(), time.time(), step, None
+
+
+class Loop:
+    """The skeleton of train.py's and pretrain.py's loop; each command writes its own step into it:
+
+        loop = util.Loop(...)                     # from here a signal ends the run after its step
+        while loop.next_step():                   # the epoch's data, resumed where the checkpoint stopped
+            for b, weight, sync in loop.micro_batches(model):
+                with sync:                        # DDP's all-reduce on the last micro-step only
+                    ...; (loss * weight).backward()
+                loop.progress.add(terms, weight)
+            opt.step(); opt.zero_grad(set_to_none=True)
+            if loop.end_step(lr):                 # its line, last.pt on the save clock, a signal asked
+                loop.save()                       # an epoch's end: the command's own work, then last.pt
+        loop.finish()                             # last.pt; after a signal its line and exit status
+
+    It keeps the run's position (step, epoch, a checkpoint's), the data order (a resumed epoch skips
+    the samples it has done: the same batches as a run that never stopped), the save clock and the
+    progress lines. A batch without a readable sample has weight 0: the command puts a dummy in its
+    place, so that every rank runs as many forwards (and DDP all-reduces) as the others.
+    A checkpoint is checkpoint(step=, epoch=, world=, rng=, args=), the command's dict around the
+    loop's keys, where rng is every rank's rng_state(); args' batch_size, accum, workers, seed, out,
+    save_minutes, save_every and log_every drive the loop. rate and samples name the progress lines'
+    units (Progress)."""
+
+    def __init__(self, args, d, stop, dataset, sampler, collate, steps_per_epoch, stop_step, *, step, epoch,
+                 checkpoint, rng_state, rate, samples):
+        self.args, self.d, self.stop = args, d, stop
+        self.dataset, self.sampler, self.collate = dataset, sampler, collate
+        self.steps_per_epoch, self.stop_step = steps_per_epoch, stop_step
+        self.step, self.epoch, self.signum, self.batches = step, epoch, 0, None
+        self.checkpoint, self.rng_state = checkpoint, rng_state
+        self.last = os.path.join(args.out, "last.pt")
+        self.progress = Progress(args, d, step, stop_step, args.batch_size * args.accum * d.world, rate,
+                                 samples)
+        self.clock = SaveClock(step, args.save_minutes, args.save_every, d)
+        stop.loop(d)
+
+    def next_step(self):
+        """True while there is a step to take (no signal asked to stop); opens the epoch's data first."""
+        if self.step >= self.stop_step or self.signum:
+            return False
+        if self.batches is None:
+            done = self.step - self.epoch * self.steps_per_epoch
+            if done == self.steps_per_epoch:  # a checkpoint of an epoch's last step, its end not counted
+                self.epoch, done = self.epoch + 1, 0
+            self.dataset.set_epoch(self.epoch)  # the augmentations' seeds (and a grouped sampler's order)
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(self.epoch)
+            a = self.args
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=a.batch_size,
+                sampler=SkipSampler(self.sampler, done * a.batch_size * a.accum), num_workers=a.workers,
+                collate_fn=self.collate, pin_memory=self.d.device.type == "cuda", drop_last=True,
+                generator=torch.Generator().manual_seed(a.seed + self.epoch))
+            self.batches = iter(loader)
+        return True
+
+    def micro_batches(self, model):
+        """The step's micro-batches: (batch, weight, sync), the weight 1/accum, or 0 for a batch whose
+        samples were all unreadable; sync is the context of the forward and backward: DDP's no_sync
+        but on the last."""
+        accum = self.args.accum
+        for micro in range(accum):
+            b = next(self.batches)
+            weight = 1.0 / accum if len(b["image"]) else 0.0
+            last = micro == accum - 1 or not self.d.ddp
+            yield b, weight, contextlib.nullcontext() if last else model.no_sync()
+
+    def end_step(self, lr, extra=None):
+        """The optimizer step is taken: count it, its progress line (with extra's numbers) when due,
+        last.pt when the save clock says, and whether a signal asked any rank to stop. True at an
+        epoch's end (counted in self.epoch, its data closed): the command then does its epoch's work
+        and calls save(), which the clock leaves to it."""
+        self.step += 1
+        self.progress.line(self.epoch, self.step, lr, extra or {})
+        ended = self.step == (self.epoch + 1) * self.steps_per_epoch
+        if self.clock.due(self.step) and not ended:
+            self.save()
+        self.signum = self.stop.requested()
+        if ended:
+            self.batches = None
+            self.epoch += 1
+        return ended
+
+    def save(self, *also):
+        """The whole state to OUT/last.pt and the paths in also, written atomically by rank 0. Every rank
+        calls it: it gathers their random states, for an exact resume. Its time is not training time."""
+        with self.progress.paused():
+            rng = [self.rng_state()]
+            if self.d.ddp:
+                rng = rng * self.d.world
+                dist.all_gather_object(rng, rng[0])
+            if self.d.rank == 0:
+                state = self.checkpoint(step=self.step, epoch=self.epoch, world=self.d.world, rng=rng,
+                                        args=vars(self.args))
+                for path in (self.last, *also):
+                    with atomic_file(path) as f:
+                        torch.save(state, f)
+
+    def finish(self):
+        """After the loop: last.pt (unless the epoch's end has just written it); after a signal, the line
+        that says what is kept and the command that continues, and exit status 128 + the signal."""
+        self.batches = None
+        if self.step % self.steps_per_epoch:
+            self.save()
+        if self.signum:
+            shutdown(self.d)
+            self.stop.exit(self.signum, f"{self.last} at step {self.step} of {self.stop_step}")
 
 
 # ----------------------------------------------------------------------------------------------
