@@ -388,12 +388,6 @@ def write(index, fmt, dest, image_dir=None):
 # What label.py and export.py write from a labels file, and the command
 
 
-def labels_index(path, what="labels file"):
-    """The index of a labels file (coco.box_index, cached beside it): what every export reads, so that
-    none holds the file whole."""
-    return coco.box_index(path, what=what, results=False)
-
-
 def write_requested(labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis_dir=None, review_n=0,
                     prog="export.py"):
     """The files asked for beside the labels file labels_path, read through its index: vis overlays (in
@@ -402,7 +396,7 @@ def write_requested(labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis
     stderr, prefixed with prog."""
     if not (vis or review_n or fmt != "coco"):
         return
-    index = labels_index(labels_path)
+    index = coco.box_index(labels_path, what="labels file", results=False)  # cached beside it: LABELS.index
     if vis:
         vis_dir = vis_dir or util.side_file(labels_path, ".vis")
         n = len(evaluation.write_overlays(index, image_dir, vis_dir, vis))
