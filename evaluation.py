@@ -376,9 +376,11 @@ def write_review(index, review, image_dir, review_dir, n):
         if loaded[0] != k:  # the review list is by score: consecutive masks rarely share an image
             image = index.image(k)
             loaded = (k, image, _load(image_dir, image))
+        if loaded[2] is None:  # this mask passes its turn on
+            continue
         a = index.annotation(row)
-        sheet = None if loaded[2] is None else review_sheet(loaded[2], a, loaded[1])
-        if sheet is not None:  # else this mask passes its turn on
+        sheet = review_sheet(loaded[2], a, loaded[1])
+        if sheet is not None:  # else this mask passes its turn on too
             name = f"{rank + 1:0{w}d}_score{a['mask_score']:.4f}_ann{a['id']}.png"
             written.append(os.path.join(review_dir, name))
             _save_png(written[-1], sheet)
