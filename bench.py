@@ -5,11 +5,13 @@
 
 Rows: the CRF kernel vs the reference; a training step (ours vs the naive one: reference CRF and
 plain attention) with crops/s, peak memory and model FLOP utilisation; labeling end to end from
-JPEGs on disk to RLE, and the data-loading rate alone; label.py's bookkeeping at scale (--only
-bookkeeping: seconds and peak memory for 250k and 1M boxes whose images are absent). Every ratio is
+JPEGs on disk to RLE, and the data-loading rate alone; label.py's bookkeeping at scale and export.py
+on as many masks (--only bookkeeping: seconds and peak memory for 250k and 1M boxes whose images are
+absent; the export needs OpenCV). Every ratio is
 measured side by side in one run: median of repeats after warm-up, device-side timing on GPU.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -260,54 +262,117 @@ def write_box_set(path, n_boxes, per_image=5):
         f.write("]}")
 
 
-# Runs label.py in a child and reports its peak RSS (the largest of label.py and its own children).
+def write_labels_set(path, n_boxes, per_image=5, size=(64, 48)):
+    """A labels file as label.py writes it: n_boxes annotations, per_image on each image of `size` (none
+    on disk), each with a small RLE mask (one of 16 shapes, some with a hole) and a mask_score. Small
+    images keep the per-mask raster work (decoding, tracing) small beside the bookkeeping. Written entry
+    by entry."""
+    rng = np.random.default_rng(0)
+    W, H = size
+    shapes = []
+    for k in range(16):
+        m = np.zeros((H, W), bool)
+        x, y, w, h = 2 + 2 * k, 2 + 2 * (k % 8), 8 + k, 6 + k
+        m[y:y + h, x:x + w] = True
+        if k % 2:
+            m[y + 2:y + h - 2, x + 2:x + w - 2] = False  # a hole
+        shapes.append((coco.encode(m), [float(x), float(y), float(w), float(h)], float(m.sum())))
+    with util.atomic_file(path, "w") as f:
+        f.write('{"info":{"description":"bookkeeping labels"},"categories":[{"id":1,"name":"thing"}],'
+                '"images":[')
+        for i in range(-(-n_boxes // per_image)):
+            f.write(("," if i else "") + json.dumps(dict(id=i + 1, file_name=f"absent/{i + 1:08d}.jpg",
+                                                        width=W, height=H)))
+        f.write('],"annotations":[')
+        scores = rng.uniform(0, 1, n_boxes).round(4)
+        for k in range(n_boxes):
+            rle, box, area = shapes[k % 16]
+            f.write(("," if k else "") + json.dumps(dict(
+                id=k + 1, image_id=k // per_image + 1, category_id=1, iscrowd=0, bbox=box, area=area,
+                segmentation=rle, mask_score=float(scores[k]))))
+        f.write("]}")
+
+
+# Runs a command in a child and reports its peak RSS (the largest of the command and its own children).
 _PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+
+
+def _peak_rss(cmd, what):
+    """(seconds, peak RSS in bytes, stderr) of cmd run in a child; RuntimeError where it fails."""
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if done.returncode:
+        raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
+    return seconds, int(done.stdout.split()[-1]), done.stderr
+
+
+def _remove(*paths):
+    for p in paths:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
 
 
 def bookkeeping_rows(quick):
     """label.py's bookkeeping alone, end to end: N boxes (5 per image) on images that are absent, so
     every box is read into the index (built afresh), sharded, chunked, reported unlabeled with its
-    reason and written back, with nothing to label. Each size runs in its own process (one loader
-    worker, tiny random weights): seconds and peak RSS; then the bytes per box between the sizes.
-    Checks that every box id is back in the output and in the report with its reason."""
+    reason and written back, with nothing to label. Then export.py on a labels file of N small masks on
+    absent images (write_labels_set): its index built afresh, --format coco-polygons (every mask traced),
+    --vis 10 and --review 10 (every image and every scored mask tried, none on disk). Each size and step
+    runs in its own process (label.py: one loader worker, tiny random weights): seconds and peak RSS;
+    then the bytes per box between the sizes. Checks that every box id is back in label.py's output and
+    report with its reason, and every mask in the export's summary."""
     folder = os.path.join("demo", "bookkeeping")
     os.makedirs(folder, exist_ok=True)
     ckpt = os.path.join(folder, "tiny.pt")
     args = dict(arch="vit_tiny", patch_size=16, img_size=32, depth=1)
     sd = mal.MAL(**args).state_dict()
     torch.save(dict(model_args=args, task=sd, teacher=sd, step=0, epoch=0, args={}), ckpt)
-    rows, peaks = [], {}
+    rows, peaks = [], {"label": {}, "export": {}}
     for n in (25_000, 100_000) if quick else (250_000, 1_000_000):
         js, out = os.path.join(folder, f"boxes{n}.json"), os.path.join(folder, f"labels{n}.json")
         if not os.path.exists(js):
             write_box_set(js, n)
-        for p in (js + ".index", out + ".parts"):
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-        cmd = [sys.executable, "-c", _PEAK_RSS, sys.executable, os.path.join(HERE, "label.py"),
-               "--ckpt", ckpt, "--json", js, "--images", folder, "--out", out, "--device", "cpu",
-               "--workers", "1", "--threads", "1", "--quiet"]
-        t = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t
-        if done.returncode:
-            raise RuntimeError(f"label.py failed on {n} boxes: {done.stderr[-2000:]}")
-        peaks[n] = int(done.stdout.split()[-1])
+        _remove(js + ".index", out + ".parts")
+        seconds, peaks["label"][n], _ = _peak_rss(
+            [sys.executable, os.path.join(HERE, "label.py"), "--ckpt", ckpt, "--json", js, "--images", folder,
+             "--out", out, "--device", "cpu", "--workers", "1", "--threads", "1", "--quiet"],
+            f"label.py on {n} boxes")
         with open(out[:-len(".json")] + ".report.json") as f:
             report = json.load(f)
         ids = np.array([u["id"] for u in report["unlabeled"] if u["reason"]], dtype=np.int64)
         back = ids.size == n and np.array_equal(np.sort(ids), np.arange(1, n + 1))
         rows.append(dict(workload=f"label bookkeeping, {n:,} boxes on absent images", unit="s", ours=seconds,
-                         peak_rss_gb=peaks[n] / 1e9,
+                         peak_rss_gb=peaks["label"][n] / 1e9,
                          note=f"every box back with its reason: {'yes' if back else 'NO'}; "
                               f"{os.path.getsize(js) / 1e6:.0f} MB JSON"))
         os.remove(out)
-    (a, ra), (b, rb) = sorted(peaks.items())
-    rows.append(dict(workload=f"label bookkeeping, peak RSS per added box ({a:,} -> {b:,})", unit="bytes/box",
-                     ours=(rb - ra) / (b - a)))
+        if importlib.util.find_spec("cv2") is None:  # coco-polygons' optional extra
+            continue
+        labels, polygons = os.path.join(folder, f"masks{n}.json"), os.path.join(folder, f"polygons{n}.json")
+        if not os.path.exists(labels):
+            write_labels_set(labels, n)
+        _remove(labels + ".index", polygons)
+        seconds, peaks["export"][n], err = _peak_rss(
+            [sys.executable, os.path.join(HERE, "export.py"), labels, "--images", folder, "--format",
+             "coco-polygons", "--out", polygons, "--vis", "10", "--review", "10"], f"export.py on {n} masks")
+        back = f"annotations {n}, masks {n}," in err
+        rows.append(dict(workload=f"export coco-polygons + vis + review, {n:,} masks", unit="s", ours=seconds,
+                         peak_rss_gb=peaks["export"][n] / 1e9,
+                         note=f"every mask traced: {'yes' if back else 'NO'}; "
+                              f"{os.path.getsize(labels) / 1e6:.0f} MB labels"))
+        os.remove(polygons)
+    if not peaks["export"]:
+        rows.append(dict(workload="export coco-polygons + vis + review", unit="s", ours=None,
+                         note="skipped: OpenCV not installed (pip install opencv-python-headless)"))
+        del peaks["export"]
+    for step, p in peaks.items():
+        (a, ra), (b, rb) = sorted(p.items())
+        rows.append(dict(workload=f"{step} bookkeeping, peak RSS per added box ({a:,} -> {b:,})",
+                         unit="bytes/box", ours=(rb - ra) / (b - a)))
     return rows
 
 

@@ -158,7 +158,7 @@ def box_problem(ann, image):
     return None
 
 
-def _is_id(v):
+def is_id(v):
     """COCO ids are ints; strings would break sorting, chunk keys and the merge far from the cause."""
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -202,14 +202,16 @@ def apply_labels(out, anns, results, unlabeled_as="none"):
                                    for a in anns]}
 
 
-def write_labels(f, index, rows, result_of, unlabeled_as="none"):
-    """Writes the labeled COCO JSON to text file f annotation by annotation, byte for byte as json.dump
-    (compact) writes apply_labels' dict: the input's top-level values in their order (the image
-    entries read from the index one by one), then the annotations of `rows` (index rows, in order),
-    each labeled by label_annotation with result_of(row), or with {'reason': its box problem} where
-    that is None. A generator: yields (annotation, result) as each is written."""
+def write_instances(f, index, annotations, annotations_last=False):
+    """Writes a COCO instances JSON to text file f entry by entry, byte for byte as json.dump (compact)
+    writes the index's document with its annotations replaced: its top-level values in their order (the
+    image entries read from the index one by one), "annotations" where it stood (annotations_last: after
+    the others) holding the annotation dicts of `annotations`, an iterable of (annotation, payload). A
+    generator: yields each payload once its annotation is written."""
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    keys = [k for k in index.head_keys if k != "annotations"]
+    keys = [k for k in index.head_keys if k != "annotations" or not annotations_last]
+    if annotations_last or "annotations" not in keys:
+        keys.append("annotations")
     f.write("{")
     for n, key in enumerate(keys):
         f.write(("," if n else "") + dumps(key) + ":")
@@ -218,23 +220,39 @@ def write_labels(f, index, rows, result_of, unlabeled_as="none"):
             for k in range(index.n_images):
                 f.write(("," if k else "") + index.image_json(k).decode("ascii"))
             f.write("]")
+        elif key == "annotations":
+            f.write("[")
+            for k, (a, payload) in enumerate(annotations):
+                f.write(("," if k else "") + dumps(a))
+                yield payload
+            f.write("]")
         else:
             f.write(dumps(index.head[key]))
-    f.write(("," if keys else "") + '"annotations":[')
-    for n, row in enumerate(rows):
-        row = int(row)
-        a = index.annotation(row)
-        r = result_of(row)
-        if r is None:
-            reason = index.unlabelable_reason(row, a)
-            if reason is None:
-                raise RuntimeError(f"annotation {a['id']} got no result")
-            r = {"reason": reason}
-        k = int(index.ann_img_row[row])
-        image = index.image(k) if k >= 0 and unlabeled_as == "box" and "segmentation" not in r else {}
-        f.write(("," if n else "") + dumps(label_annotation(a, r, image, unlabeled_as)))
-        yield a, r
-    f.write("]}")
+    f.write("}")
+
+
+def write_labels(f, index, rows, result_of, unlabeled_as="none"):
+    """Writes the labeled COCO JSON to text file f annotation by annotation, byte for byte as json.dump
+    (compact) writes apply_labels' dict: the input's top-level values in their order, then the
+    annotations of `rows` (index rows, in order), each labeled by label_annotation with result_of(row),
+    or with {'reason': its box problem} where that is None. A generator: yields (annotation, result)
+    as each is written."""
+
+    def labeled():
+        for row in rows:
+            row = int(row)
+            a = index.annotation(row)
+            r = result_of(row)
+            if r is None:
+                reason = index.unlabelable_reason(row, a)
+                if reason is None:
+                    raise RuntimeError(f"annotation {a['id']} got no result")
+                r = {"reason": reason}
+            k = int(index.ann_img_row[row])
+            image = index.image(k) if k >= 0 and unlabeled_as == "box" and "segmentation" not in r else {}
+            yield label_annotation(a, r, image, unlabeled_as), (a, r)
+
+    yield from write_instances(f, index, labeled(), annotations_last=True)
 
 # ----------------------------------------------------------------------------------------------
 # Reading a JSON document piece by piece: a multi-GB COCO file does not fit in memory as Python
@@ -375,7 +393,7 @@ def _read_document(path, what, on_item):
 # kept as its compact JSON text too (read back with pread, not mapped), so that the output writes
 # every annotation with all its keys without the input ever being held whole.
 
-INDEX_MAGIC = b"MAL box index 1\n"
+INDEX_MAGIC = b"MAL box index 2\n"  # 2: the mask_score column
 _ALIGN = 64
 
 
@@ -402,7 +420,8 @@ class _Builder:
         self.img_names, self.img_json = _Spool(folder), _Spool(folder)
         self.ann = {k: array.array(t) for k, t in (("id", "q"), ("image_id", "q"), ("bbox", "d"),
                                                   ("bbox_ok", "b"), ("iscrowd", "b"), ("area", "d"),
-                                                  ("score", "d"), ("category", "q"), ("has_seg", "b"))}
+                                                  ("score", "d"), ("mask_score", "d"), ("category", "q"),
+                                                  ("has_seg", "b"))}
         self.ann_json, self.seen = _Spool(folder), set()
 
     def close(self):
@@ -442,7 +461,7 @@ class _Builder:
     def image(self, i, im):
         if not isinstance(im, dict) or "id" not in im:
             raise util.InputError(f"{self.path}: image #{i} has no id")
-        if not _is_id(im["id"]):
+        if not is_id(im["id"]):
             raise util.InputError(f"{self.path}: image #{i} has a non-integer id {im['id']!r}")
         self.img_id.append(im["id"])
         w, h = im.get("width"), im.get("height")
@@ -455,7 +474,7 @@ class _Builder:
         for i, (r, raw) in enumerate(elements):
             if not isinstance(r, dict) or "image_id" not in r:
                 raise util.InputError(f"{self.path}: result #{i} has no image_id")
-            if not _is_id(r["image_id"]):
+            if not is_id(r["image_id"]):
                 raise util.InputError(f"{self.path}: result #{i} has a non-integer image_id "
                                       f"{r['image_id']!r}")
             self.add_annotation(_as_result(r, i), raw)
@@ -464,7 +483,7 @@ class _Builder:
         if not isinstance(a, dict) or "id" not in a or "image_id" not in a:
             raise util.InputError(f"{self.path}: annotation #{i} lacks 'id' or 'image_id'")
         for k in ("id", "image_id"):
-            if not _is_id(a[k]):
+            if not is_id(a[k]):
                 raise util.InputError(f"{self.path}: annotation #{i} has a non-integer {k} {a[k]!r}")
         self.add_annotation(a, raw)
 
@@ -484,8 +503,9 @@ class _Builder:
         c["iscrowd"].append(bool(a.get("iscrowd", 0)))
         c["area"].append(_float_or_nan(a.get("area")))
         c["score"].append(_float_or_nan(a.get("score")))
+        c["mask_score"].append(_float_or_nan(a.get("mask_score")))
         cat = a.get("category_id")
-        c["category"].append(cat if _is_id(cat) else -1)
+        c["category"].append(cat if is_id(cat) else -1)
         c["has_seg"].append("segmentation" in a)
         self.ann_json.add((raw if raw is not None else json.dumps(a, separators=(",", ":"))).encode("utf-8"))
 
@@ -541,8 +561,9 @@ class BoxIndex:
       images:       img_id, img_w, img_h (-1: not given), img_start (annotation rows of image k are
                     ann_by_image[img_start[k]:img_start[k + 1]]), file_name(k), image_json(k)
       annotations:  ann_id, ann_image_id, ann_img_row (-1: image not listed), bbox (xywh float64, NaN
-                    where not 4 numbers; ann_bbox_ok), ann_iscrowd, ann_area / ann_score (NaN: none),
-                    ann_category (-1: none), ann_has_seg, ann_id_order (rows by id), annotation(row)
+                    where not 4 numbers; ann_bbox_ok), ann_iscrowd, ann_area / ann_score /
+                    ann_mask_score (NaN: none), ann_category (-1: none), ann_has_seg, ann_id_order
+                    (rows by id), annotation(row)
 
     in input order. head: the document's other top-level values ("images" and "annotations" stand
     where they stood in head_keys); kind: "instances" or "results". Open with box_index()."""

@@ -334,7 +334,7 @@ class BoxDataset(torch.utils.data.Dataset):
         # ranks of a node share the pages).
         ix = self.index
         self.image_ids, self.widths, self.heights = ix.img_id, ix.img_w, ix.img_h
-        self.file_names = _FileNames(ix)
+        self.file_names = FileNames(ix)
 
         # The boxes kept: index rows, in input order; each skipped one counted under its first reason.
         code, w, h = ix.box_codes(), ix.bbox[:, 2], ix.bbox[:, 3]
@@ -492,8 +492,9 @@ class BoxDataset(torch.utils.data.Dataset):
         return out
 
 
-class _FileNames:
-    """The index's image file names as a sequence, each read when asked."""
+class FileNames:
+    """The index's image file names as a sequence, each read when asked (a box index's file holds them:
+    a process holds none it has not asked for)."""
 
     def __init__(self, index):
         self.index = index

@@ -274,39 +274,41 @@ def _save_png(path, pixels):
         Image.fromarray(pixels).save(f, format="PNG")
 
 
-def write_overlays(labeled, image_dir, vis_dir, n):
+def write_overlays(index, image_dir, vis_dir, n):
     """PNGs of masks over their images, one per image with masks (the first n whose image loads, in image
-    id order, named IMAGE_ID.png): each mask's outline in its colour over the image as it is, its
-    pixels lightly tinted, and its box's rectangle. A mask that covers what it should not, or misses
-    what it should cover, shows on the image's own pixels."""
+    id order, named IMAGE_ID.png), from the labels' index (coco.box_index), one image's annotations at a
+    time: each mask's outline in its colour over the image as it is, its pixels lightly tinted, and its
+    box's rectangle. A mask that covers what it should not, or misses what it should cover, shows on the
+    image's own pixels."""
     os.makedirs(vis_dir, exist_ok=True)
-    by_img = collections.defaultdict(list)
-    for a in labeled["annotations"]:
-        by_img[a["image_id"]].append(a)
-    images = {im["id"]: im for im in labeled["images"]}
     written = []
-    for iid, anns in sorted(by_img.items()):
+    for k in index.img_id_order:
         if len(written) >= n:
             break
-        img = _load(image_dir, images[iid]) if any("segmentation" in a for a in anns) else None
+        rows = index.ann_by_image[index.img_start[k]:index.img_start[k + 1]]
+        if not index.ann_has_seg[rows].any():
+            continue
+        image = index.image(k)
+        img = _load(image_dir, image)
         if img is None:
             continue
+        anns = [index.annotation(r) for r in rows]  # in input order
         canvas = img.astype(np.float32)
-        masks = [(k, _mask_of(a, img.shape[:2])) for k, a in enumerate(anns)]
-        for k, m in masks:
+        masks = [(j, _mask_of(a, img.shape[:2])) for j, a in enumerate(anns)]
+        for j, m in masks:
             if m is not None:
-                canvas[m] = (1 - TINT) * canvas[m] + TINT * PALETTE[k % len(PALETTE)]
-        for k, m in masks:  # outlines after every tint: an overlapping mask does not dim another's
+                canvas[m] = (1 - TINT) * canvas[m] + TINT * PALETTE[j % len(PALETTE)]
+        for j, m in masks:  # outlines after every tint: an overlapping mask does not dim another's
             if m is not None:
-                canvas[outline(m)] = PALETTE[k % len(PALETTE)]
+                canvas[outline(m)] = PALETTE[j % len(PALETTE)]
         pil = Image.fromarray(canvas.round().astype(np.uint8))
         draw = ImageDraw.Draw(pil)
-        for k, a in enumerate(anns):
-            x0, y0, x1, y1 = (coco.xywh_to_xyxy(a["bbox"]) if coco.box_problem(a, images[iid]) is None
+        for j, a in enumerate(anns):
+            x0, y0, x1, y1 = (coco.xywh_to_xyxy(a["bbox"]) if coco.box_problem(a, image) is None
                               else (0, 0, 0, 0))
             if x1 > x0:
-                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(map(int, PALETTE[k % len(PALETTE)])))
-        written.append(os.path.join(vis_dir, f"{iid}.png"))
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(map(int, PALETTE[j % len(PALETTE)])))
+        written.append(os.path.join(vis_dir, f"{image['id']}.png"))
         _save_png(written[-1], np.asarray(pil))
     return written
 
@@ -346,34 +348,40 @@ def review_sheet(img, a, image, min_height=192, gap=4):
 REVIEW_PNG = re.compile(r"\d+_score\d\.\d+_ann-?\d+\.png")
 
 
-def review_list(labeled):
-    """[{'id', 'image_id', 'mask_score'}] of every scored mask, lowest score first (then by id)."""
-    scored = [a for a in labeled["annotations"] if "mask_score" in a]
-    return [{"id": a["id"], "image_id": a["image_id"], "mask_score": a["mask_score"]}
-            for a in sorted(scored, key=lambda a: (a["mask_score"], a["id"]))]
+def review_list(index):
+    """The annotation rows of every scored mask in the labels' index, lowest mask_score first (then by
+    id): what label.py's review list holds."""
+    rows = np.flatnonzero(~np.isnan(index.ann_mask_score))
+    return rows[np.lexsort((index.ann_id[rows], index.ann_mask_score[rows]))]
 
 
-def write_review(labeled, review, image_dir, review_dir, n):
-    """A review sheet (review_sheet: crop, mask, outline) for each of the first n entries of review_list
-    whose image loads, named RANK_scoreS_annID.png so that a file browser lists them worst first.
-    Earlier review sheets in review_dir go first: their scores would interleave with these."""
+def write_review(index, review, image_dir, review_dir, n):
+    """A review sheet (review_sheet: crop, mask, outline) for each of the first n masks of review
+    (review_list's rows of the labels' index) whose image loads, named RANK_scoreS_annID.png so that a
+    file browser lists them worst first. Earlier review sheets in review_dir go first: their scores would
+    interleave with these."""
     if os.path.isdir(review_dir):
         for f in os.listdir(review_dir):
             if REVIEW_PNG.fullmatch(f):
                 os.remove(os.path.join(review_dir, f))
     os.makedirs(review_dir, exist_ok=True)
-    anns = {a["id"]: a for a in labeled["annotations"]}
-    images = {im["id"]: im for im in labeled["images"]}
     w = len(str(max(1, min(n, len(review)))))
-    written, loaded = [], (None, None)
-    for k, r in enumerate(review):
+    written, loaded = [], (None, None, None)
+    for rank, row in enumerate(review):
         if len(written) >= n:
             break
-        if loaded[0] != r["image_id"]:  # the review list is by score: consecutive masks rarely share an image
-            loaded = (r["image_id"], _load(image_dir, images[r["image_id"]]))
-        sheet = None if loaded[1] is None else review_sheet(loaded[1], anns[r["id"]], images[r["image_id"]])
-        if sheet is not None:  # else this mask passes its turn on
-            name = f"{k + 1:0{w}d}_score{r['mask_score']:.4f}_ann{r['id']}.png"
+        k = int(index.ann_img_row[row])
+        if k < 0:  # on no listed image: nothing to draw it on
+            continue
+        if loaded[0] != k:  # the review list is by score: consecutive masks rarely share an image
+            image = index.image(k)
+            loaded = (k, image, _load(image_dir, image))
+        if loaded[2] is None:  # this mask passes its turn on
+            continue
+        a = index.annotation(row)
+        sheet = review_sheet(loaded[2], a, loaded[1])
+        if sheet is not None:  # else this mask passes its turn on too
+            name = f"{rank + 1:0{w}d}_score{a['mask_score']:.4f}_ann{a['id']}.png"
             written.append(os.path.join(review_dir, name))
             _save_png(written[-1], sheet)
     return written

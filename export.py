@@ -2,7 +2,9 @@
 other trainers and tools read: COCO polygons (one JSON file), YOLO-seg for ultralytics (a folder of
 images/, labels/ and data.yaml) and 16-bit instance-label PNGs (a folder, with instances.json). What a
 format cannot hold (holes, a mask's separate parts, overlaps) is counted in the summary write() returns:
-nothing is dropped silently.
+nothing is dropped silently. The labels file is never held whole: it is read once into its box index
+(coco.box_index, cached beside it as LABELS.index), and each image's output is written from its
+annotations, read from the index one by one; memory grows by a few tens of bytes a box.
 
 COCO polygons run along the pixels' edges, not through their centres: a vertex (x, y) is a pixel corner,
 pixel (i, j) covers [j, j+1) × [i, i+1) as in coco.py, so a single pixel is a unit square and a mask's
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -68,12 +71,12 @@ def trace(mask, fmt="coco-polygons", centres=False):
     draws back as the mask.
     There every part has at least 3 vertices (a single pixel's repeated), as ultralytics needs."""
     cv2 = _cv2(fmt)
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # the mask's box: cheaper than nonzero
     if not ys.size:
         return Outline([], 0)
-    y0, x0 = int(ys.min()), int(xs.min())
+    y0, x0 = int(ys[0]), int(xs[0])
     # A margin, so no part touches the border; C order, as cv2 needs (pycocotools decodes in Fortran order).
-    crop = np.ascontiguousarray(np.pad(mask[y0:ys.max() + 1, x0:xs.max() + 1], 1), dtype=np.uint8)
+    crop = np.ascontiguousarray(np.pad(mask[y0:ys[-1] + 1, x0:xs[-1] + 1], 1), dtype=np.uint8)
     # cv2 traces the centres of a part's boundary pixels. On the mask upsampled ×2 those are the sub-pixels
     # beside an edge: sub-pixel u = 2j is the left half of pixel j, whose left edge is x = j, and u = 2j + 1
     # the right half, whose right edge is x = j + 1; so x = (u + 1) // 2, and y the same.
@@ -129,24 +132,16 @@ def join(parts):
     return poly
 
 
-def _by_image(out):
-    """[(image entry, [its annotations])] in the images' order, and the number of box-only annotations
-    on no listed image (label.py keeps those, unlabeled)."""
-    groups, orphans = {}, 0
-    for im in out.get("images", []):
-        if im.get("id") in groups:
-            raise util.InputError(f"images: id {im.get('id')!r} appears twice")
-        groups[im.get("id")] = []
-    for a in out.get("annotations", []):
-        g = groups.get(a.get("image_id"))
-        if g is not None:
-            g.append(a)
-        elif "segmentation" in a:
-            raise util.InputError(f"annotation {a.get('id')}: a mask on image_id {a.get('image_id')!r}, "
-                                  f"which is not in images")
-        else:
-            orphans += 1
-    return [(im, groups[im.get("id")]) for im in out.get("images", [])], orphans
+def _orphans(index):
+    """The number of box-only annotations on no listed image (label.py keeps those, unlabeled); a mask on
+    one is an InputError."""
+    orphan = index.ann_img_row < 0
+    bad = np.flatnonzero(orphan & (index.ann_has_seg != 0))
+    if len(bad):
+        a = index.annotation(bad[0])
+        raise util.InputError(f"annotation {a.get('id')}: a mask on image_id {a.get('image_id')!r}, "
+                              f"which is not in images")
+    return int(orphan.sum())
 
 
 def _mask(a, image):
@@ -197,53 +192,63 @@ def _claim(seen, path, image):
     seen[path] = image["file_name"]
 
 
-def _masks_by_image(out, s, path_of):
-    """For each image, in order: (image, its file_name as a path inside the export, the file it writes
-    (path_of that path), [(annotation, mask)] for its annotations with a mask). Counts the box-only
-    annotations into s["unlabeled_skipped"] and the images into s["images"]."""
-    groups, s["unlabeled_skipped"] = _by_image(out)
+def _masks_by_image(index, s, path_of):
+    """For each image of the labels' index, in order, its annotations read then: (image, its file_name
+    as a path inside the export, the file it writes (path_of that path), [(annotation, mask)] for its
+    annotations with a mask). Counts the box-only annotations into s["unlabeled_skipped"] and the images
+    into s["images"]."""
+    s["unlabeled_skipped"] = _orphans(index)
     seen = {}
-    for image, anns in groups:
+    for k in range(index.n_images):
+        image = index.image(k)
         rel = _rel_path(image)
         path = path_of(rel)
         _claim(seen, path, image)
         masks = []
-        for a in anns:
+        for row in index.ann_by_image[index.img_start[k]:index.img_start[k + 1]]:
+            a = index.annotation(row)
             m = _mask(a, image)
             if m is None:
                 s["unlabeled_skipped"] += 1
             else:
                 masks.append((a, m))
         yield image, rel, path, masks
-    s["images"] = len(groups)
+    s["images"] = index.n_images
 
 
 # ----------------------------------------------------------------------------------------------
 # The formats
 
 
-def _coco_polygons(out, dest, image_dir):
+def _coco_polygons(index, dest, image_dir):
     s = dict.fromkeys(("images", "annotations", "masks", "polygons", "unlabeled", "empty_masks",
                        "holes_dropped", "hole_pixels_filled", "degenerate_parts_dropped"), 0)
-    images = {im.get("id"): im for im in out.get("images", [])}
-    anns = []
-    for a in out.get("annotations", []):
-        a = dict(a)
-        m = _mask(a, images.get(a.get("image_id")))
-        if m is None:
-            s["unlabeled"] += 1  # kept as it is: a box without a mask, as label.py wrote it
-        else:
-            s["masks"] += 1
-            polys = [p.ravel().tolist() for p in _outline_counts(trace(m, "coco-polygons"), s)]
-            if polys:
-                a["segmentation"] = polys
-                s["polygons"] += len(polys)
-            else:  # [] would break pycocotools and detectron2: an empty mask becomes a box without one
-                del a["segmentation"]
-                a.pop("mask_score", None)
-        anns.append(a)
-    s["images"], s["annotations"] = len(images), len(anns)
-    util.write_json(dest, {**out, "annotations": anns})
+
+    def polygons():
+        image = (None, None)  # the image row at hand and its entry: an image's annotations often follow
+        for row in range(len(index)):
+            a = index.annotation(row)
+            k = int(index.ann_img_row[row])
+            if image[0] != k:
+                image = (k, index.image(k) if k >= 0 else None)
+            m = _mask(a, image[1])
+            if m is None:
+                s["unlabeled"] += 1  # kept as it is: a box without a mask, as label.py wrote it
+            else:
+                s["masks"] += 1
+                polys = [p.ravel().tolist() for p in _outline_counts(trace(m, "coco-polygons"), s)]
+                if polys:
+                    a["segmentation"] = polys
+                    s["polygons"] += len(polys)
+                else:  # [] would break pycocotools and detectron2: an empty mask becomes a box without one
+                    del a["segmentation"]
+                    a.pop("mask_score", None)
+            yield a, None
+
+    with util.atomic_file(dest, "w") as f:
+        for _ in coco.write_instances(f, index, polygons()):
+            pass
+    s["images"], s["annotations"] = index.n_images, len(index)
     return s
 
 
@@ -277,19 +282,22 @@ def _place_image(src, dst, s):
         s["images_copied"] += 1
 
 
-def _yolo(out, dest, image_dir):
+def _yolo(index, dest, image_dir):
     if image_dir is None:
         raise util.InputError("--format yolo needs the images' folder (--images): its images/ links to them")
     s = dict.fromkeys(("images", "label_files", "lines", "images_linked", "images_copied", "images_missing",
                        "masks", "parts_joined", "holes_dropped", "hole_pixels_filled", "empty_masks",
                        "unlabeled_skipped", "degenerate_parts_dropped"), 0)
-    cats = sorted(out.get("categories", []), key=lambda c: c["id"])
+    cats = sorted(index.head.get("categories", []), key=lambda c: c["id"])
     cls = {c["id"]: k for k, c in enumerate(cats)}
-    for a in out.get("annotations", []):  # before writing anything
-        if "segmentation" in a and a.get("category_id") not in cls:
-            raise util.InputError(f"annotation {a.get('id')}: category_id {a.get('category_id')!r} "
-                                  f"is not in categories")
-    for image, rel, label_path, masks in _masks_by_image(out, s, lambda rel: _label_path(
+    # Before writing anything; ann_category is -1 where an annotation's category_id is not an integer id.
+    bad = np.flatnonzero((index.ann_has_seg != 0) & ~np.isin(index.ann_category, [i for i in cls if
+                                                                                   coco.is_id(i)]))
+    if len(bad):
+        a = index.annotation(bad[0])
+        raise util.InputError(f"annotation {a.get('id')}: category_id {a.get('category_id')!r} "
+                              f"is not in categories")
+    for image, rel, label_path, masks in _masks_by_image(index, s, lambda rel: _label_path(
             os.path.join(dest, "images", rel))):
         lines = []
         for a, m in masks:
@@ -315,76 +323,93 @@ def _yolo(out, dest, image_dir):
     return s
 
 
-def _png(out, dest, image_dir):
+def _png(index, dest, image_dir):
     s = dict.fromkeys(("images", "pngs", "instances", "empty_masks", "unlabeled_skipped",
                        "overlap_pixels_lost", "instances_hidden", "images_without_size"), 0)
-    mapping = {}
-    for image, _, path, masks in _masks_by_image(out, s, lambda rel: os.path.join(
-            dest, os.path.splitext(rel)[0] + ".png")):
-        labeled = [(a, m) for a, m in masks if m.any()]
-        s["empty_masks"] += len(masks) - len(labeled)  # nothing to paint: they get no index
-        if len(labeled) > 65535:
-            raise util.InputError(f"image {image.get('id')} ({image['file_name']}): {len(labeled)} masks, "
-                                  f"more than a 16-bit PNG can index (65535)")
-        H, W = (labeled[0][1].shape if labeled else (image.get("height"), image.get("width")))
-        if not (H and W):
-            s["images_without_size"] += 1  # no mask and no width/height: no PNG can be drawn
-            continue
-        label = np.zeros((int(H), int(W)), dtype=np.uint16)
-        areas = [int(m.sum()) for _, m in labeled]
-        # Larger first, so the smaller objects (often in front, and cheap to lose whole) stay on top.
-        for k in sorted(range(len(labeled)), key=lambda k: -areas[k]):
-            label[labeled[k][1]] = k + 1
-        visible = np.bincount(label.ravel(), minlength=len(labeled) + 1)[1:]
-        s["overlap_pixels_lost"] += sum(areas) - int(visible.sum())
-        s["instances_hidden"] += int((visible == 0).sum())  # kept in instances.json, with no pixel left
-        s["instances"] += len(labeled)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with util.atomic_file(path) as f:
-            Image.fromarray(label).save(f, format="PNG")  # uint16 -> mode I;16
-        s["pngs"] += 1
-        mapping[image["file_name"]] = {str(k + 1): a["id"] for k, (a, _) in enumerate(labeled)}
-    util.write_json(os.path.join(dest, "instances.json"), mapping, indent=1)
+    with tempfile.TemporaryFile("w+", dir=dest) as mapping:  # instances.json's entries, as they come
+        for image, _, path, masks in _masks_by_image(index, s, lambda rel: os.path.join(
+                dest, os.path.splitext(rel)[0] + ".png")):
+            _png_image(image, path, masks, s, mapping)
+        with util.atomic_file(os.path.join(dest, "instances.json"), "w") as f:
+            # json.dump(..., indent=1) of {file_name: {index: annotation id}}, an image's entry at a time
+            f.write("{\n" if s["pngs"] else "{")
+            mapping.seek(0)
+            shutil.copyfileobj(mapping, f)
+            f.write("\n}" if s["pngs"] else "}")
     return s
+
+
+def _png_image(image, path, masks, s, mapping):
+    """The 16-bit PNG of one image's masks; its entry of instances.json appended to text file mapping."""
+    labeled = [(a, m) for a, m in masks if m.any()]
+    s["empty_masks"] += len(masks) - len(labeled)  # nothing to paint: they get no index
+    if len(labeled) > 65535:
+        raise util.InputError(f"image {image.get('id')} ({image['file_name']}): {len(labeled)} masks, "
+                              f"more than a 16-bit PNG can index (65535)")
+    H, W = (labeled[0][1].shape if labeled else (image.get("height"), image.get("width")))
+    if not (H and W):
+        s["images_without_size"] += 1  # no mask and no width/height: no PNG can be drawn
+        return
+    label = np.zeros((int(H), int(W)), dtype=np.uint16)
+    areas = [int(m.sum()) for _, m in labeled]
+    # Larger first, so the smaller objects (often in front, and cheap to lose whole) stay on top.
+    for k in sorted(range(len(labeled)), key=lambda k: -areas[k]):
+        label[labeled[k][1]] = k + 1
+    visible = np.bincount(label.ravel(), minlength=len(labeled) + 1)[1:]
+    s["overlap_pixels_lost"] += sum(areas) - int(visible.sum())
+    s["instances_hidden"] += int((visible == 0).sum())  # kept in instances.json, with no pixel left
+    s["instances"] += len(labeled)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with util.atomic_file(path) as f:
+        Image.fromarray(label).save(f, format="PNG")  # uint16 -> mode I;16
+    entry = json.dumps({image["file_name"]: {str(k + 1): a["id"] for k, (a, _) in enumerate(labeled)}},
+                       indent=1)
+    mapping.write((",\n" if s["pngs"] else "") + entry[2:-2])  # without the outer "{\n" and "\n}"
+    s["pngs"] += 1
 
 
 _WRITERS = {"coco-polygons": _coco_polygons, "yolo": _yolo, "png": _png}
 
 
-def write(out, fmt, dest, image_dir=None):
-    """Write label.py's output dict `out` as `fmt` (one of FORMATS) to `dest`: a JSON file for
-    coco-polygons, a folder (made if missing) for yolo and png; yolo links its images/ to those in
-    image_dir. Returns the summary: what was written, and what the format could not hold."""
+def write(index, fmt, dest, image_dir=None):
+    """Write label.py's output, read through its index (coco.box_index of the labels file, or
+    coco.index_of_dict), as `fmt` (one of FORMATS) to `dest`, an image or an annotation at a time: a JSON
+    file for coco-polygons, a folder (made if missing) for yolo and png; yolo links its images/ to those
+    in image_dir. Returns the summary: what was written, and what the format could not hold."""
     if fmt not in _WRITERS:
         raise util.InputError(f"--format {fmt!r}: not one of {', '.join(FORMATS)}")
     if fmt != "png":
         _cv2(fmt)  # before anything is written
     if fmt != "coco-polygons":
         os.makedirs(dest, exist_ok=True)
-    return _WRITERS[fmt](out, os.fspath(dest), image_dir)
+    return _WRITERS[fmt](index, os.fspath(dest), image_dir)
 
 
 # ----------------------------------------------------------------------------------------------
-# What label.py and export.py write from a labels dict, and the command
+# What label.py and export.py write from a labels file, and the command
 
 
-def write_requested(out, review, labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis_dir=None,
-                    review_n=0, prog="export.py"):
-    """The files asked for beside the labels `out` (read from or written to labels_path): vis overlays
-    (in vis_dir, default LABELS.vis/), the review_n lowest-scored masks of `review`
-    (evaluation.review_list) in LABELS.review/, and fmt's files in dest (coco: none, the labels are
-    those). Each is said in a line on stderr, prefixed with prog."""
+def write_requested(labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis_dir=None, review_n=0,
+                    prog="export.py"):
+    """The files asked for beside the labels file labels_path, read through its index: vis overlays (in
+    vis_dir, default LABELS.vis/), the review_n lowest-scored masks (evaluation.review_list) in
+    LABELS.review/, and fmt's files in dest (coco: none, the labels are those). Each is said in a line on
+    stderr, prefixed with prog."""
+    if not (vis or review_n or fmt != "coco"):
+        return
+    index = coco.box_index(labels_path, what="labels file", results=False)  # cached beside it: LABELS.index
     if vis:
         vis_dir = vis_dir or util.side_file(labels_path, ".vis")
-        n = len(evaluation.write_overlays(out, image_dir, vis_dir, vis))
+        n = len(evaluation.write_overlays(index, image_dir, vis_dir, vis))
         print(f"{prog}: {n} overlays in {vis_dir}", file=sys.stderr)
     if review_n:
         review_dir = util.side_file(labels_path, ".review")
-        n = len(evaluation.write_review(out, review, image_dir, review_dir, review_n))
+        review = evaluation.review_list(index)
+        n = len(evaluation.write_review(index, review, image_dir, review_dir, review_n))
         print(f"{prog}: the {n} lowest-scored masks in {review_dir} (all {len(review)} by mask_score in "
               f"{util.side_file(labels_path, '.review.json')})", file=sys.stderr)
     if fmt != "coco":
-        counts = write(out, fmt, dest, image_dir=image_dir)
+        counts = write(index, fmt, dest, image_dir=image_dir)
         print(f"{prog}: --format {fmt} in {dest}: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
               file=sys.stderr)
 
@@ -419,10 +444,9 @@ def main(argv=None):
     try:
         if not os.path.isdir(args.images):
             raise util.InputError(f"--images {args.images}: no such image folder")
-        out = util.read_json(args.labels, "labels file", keys=("images", "annotations"))
         needs(args.format)
-        write_requested(out, evaluation.review_list(out), args.labels, args.images, fmt=args.format,
-                        dest=args.out, vis=args.vis, vis_dir=args.vis_dir, review_n=args.review)
+        write_requested(args.labels, args.images, fmt=args.format, dest=args.out, vis=args.vis,
+                        vis_dir=args.vis_dir, review_n=args.review)
     except util.InputError as e:
         util.fail("export.py", e)
 

@@ -13,7 +13,9 @@ keeps its box, gets no `segmentation`, and is listed with its reason in OUT's .r
 
 Memory does not grow with the input beyond ~100 bytes a box: the boxes are read once into a box index
 cached beside the JSON (coco.box_index, mapped by every rank), and OUT, its report and review list are
-written entry by entry from the chunks.
+written entry by entry from the chunks; --format, --vis and --review read OUT back through its own
+index (OUT.index beside it, as export.py does), an image or an annotation at a time. --eval alone reads
+OUT whole, with the GT masks it needs.
 
 Every mask gets a `mask_score` in [0, 1], an estimate of its IoU with the object (predictor.mask_score);
 OUT's .review.json lists the masks lowest score first, --review N draws the N lowest for a person to
@@ -376,13 +378,16 @@ def write_outputs(args, index, kept, labelable, results):
     return summary
 
 
-def write_extras(args, d, index, out, review):
-    """--eval, then --vis, --review and --format (export.write_requested, as export.py), on OUT and its
-    review list (read back whole: these are for sets a person looks at)."""
+def write_extras(args, d, index):
+    """--eval, then --vis, --review and --format (export.write_requested, as export.py: OUT read through
+    its own index, an image or an annotation at a time)."""
     if args.eval:
         if not index.has_gt:
             print("label.py: --eval: no GT masks in the input; skipped", file=sys.stderr)
         else:
+            # Read whole, with the GT: COCOeval holds every GT and labeled mask anyway, and --eval is for
+            # sets that have GT masks, not for labeling at scale.
+            out = util.read_json(args.out, "--out")
             gt = util.read_json(args.json if index.kind == "instances" else args.images_json, "GT JSON")
             r = evaluation.evaluate(gt, out, match_ids=index.kind == "instances")
             net = predictor.build_nets(predictor.load_checkpoint(args.ckpt), "task", d.device, args.ckpt)[0]
@@ -393,8 +398,8 @@ def write_extras(args, d, index, out, review):
             print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
                   f"(lower: FG and BG apart)", flush=True)  # before the summary line, which ends the output
-    export.write_requested(out, review, args.out, args.images, fmt=args.format, dest=args.export_to,
-                           vis=args.vis, vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
+    export.write_requested(args.out, args.images, fmt=args.format, dest=args.export_to, vis=args.vis,
+                           vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
 
 
 def summary_line(args, s, t0):
@@ -427,9 +432,7 @@ def run(args, d, settings, t0, stop):
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
-        out = util.read_json(args.out, "--out")
-        review = util.read_json(util.side_file(args.out, ".review.json"), "review list")
-        write_extras(args, d, index, out, review)
+        write_extras(args, d, index)
     print(summary_line(args, summary, t0), file=sys.stderr, flush=True)
     return summary["unlabeled"]
 

@@ -222,7 +222,8 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __init__(self, image_dir, files, size, seed=0):
         self.image_dir, self.size, self.seed, self.epoch = os.fspath(image_dir), int(size), int(seed), 0
-        self.files = np.array(files, dtype=str)  # numpy, not a list: no copy-on-access in forked workers
+        # numpy, not a list: no copy-on-access in forked workers; a box index's names stay in its file
+        self.files = files if isinstance(files, data.FileNames) else np.array(files, dtype=str)
 
     def __len__(self):
         return len(self.files)
@@ -432,7 +433,7 @@ def make_views(args):
     if args.views == "boxes":
         return BoxViews(args.json, args.images, args.img_size, args.min_area, args.seed)
     if args.json:
-        files = [im["file_name"] for im in coco.read_instances(args.json, "--json")["images"]]
+        files = data.FileNames(coco.box_index(args.json, what="--json", results=False))  # as BoxDataset
     else:
         files = find_images(args.images)
         if not files:

@@ -1,5 +1,6 @@
 """coco.py: mask pasting and RLE against the crop mapping, reading boxes, the box index, the labeled
 output."""
+import io
 import json
 import os
 import pickle
@@ -277,3 +278,24 @@ def test_results_list_index_and_streamed_output_equal_the_in_memory_output(tmp_p
         assert out.read_text() == json.dumps(ref, separators=(",", ":"))
         assert json.dumps([a for a, _ in written]) == json.dumps(ref["annotations"])
         assert len(COCO(str(out)).getAnnIds()) == len(rows)
+
+
+def test_write_instances_keeps_the_annotations_where_they_stood(tmp_path):
+    """write_instances writes byte for byte what json.dump (compact) writes of the document with its
+    annotations replaced, "annotations" in its own place (first here, then last as asked), each payload
+    yielded once its annotation is written, the mask_score column read from the document."""
+    src = coco_doc(np.random.default_rng(3), n_anns=12)
+    src["annotations"][4]["mask_score"] = 0.75
+    doc = {"annotations": src["annotations"], **{k: v for k, v in src.items() if k != "annotations"}}
+    (tmp_path / "a.json").write_text(json.dumps(doc, indent=2))
+    ix = coco.box_index(str(tmp_path / "a.json"))
+    assert ix.ann_mask_score[4] == 0.75 and np.isnan(np.delete(ix.ann_mask_score, 4)).all()
+    new = [dict(a, note=k) for k, a in enumerate(doc["annotations"])]
+    for last, ref in ((False, {**doc, "annotations": new}),
+                      (True, {**{k: v for k, v in doc.items() if k != "annotations"}, "annotations": new})):
+        buf = io.StringIO()
+        written = []
+        for payload in coco.write_instances(buf, ix, ((a, k) for k, a in enumerate(new)), last):
+            written.append(payload)
+            assert buf.getvalue().endswith(json.dumps(new[payload], separators=(",", ":")))
+        assert buf.getvalue() == json.dumps(ref, separators=(",", ":")) and written == list(range(len(new)))

@@ -116,7 +116,7 @@ def _ring_labeled(tmp_path):
 
 def test_the_overlay_draws_the_outline_over_the_image_as_it_is(tmp_path):
     img, m, labeled = _ring_labeled(tmp_path)
-    (path,) = evaluation.write_overlays(labeled, str(tmp_path), str(tmp_path / "vis"), 5)
+    (path,) = evaluation.write_overlays(coco.index_of_dict(labeled), str(tmp_path), str(tmp_path / "vis"), 5)
     out = np.asarray(Image.open(path).convert("RGB")).astype(int)
     edge = evaluation.outline(m)
     x, y, w, h = (int(v) for v in labeled["annotations"][0]["bbox"])
@@ -147,7 +147,8 @@ def test_the_review_sheet_shows_crop_mask_and_outline_side_by_side(tmp_path):
     edge = evaluation.outline(m[cy0:cy1, cx0:cx1])
     assert (drawn[edge] == (255, 0, 0)).all()
     assert (drawn[~edge] == img[cy0:cy1, cx0:cx1][~edge]).sum(1).astype(bool).mean() > 0.8  # the box aside
-    (written,) = evaluation.write_review(labeled, evaluation.review_list(labeled), str(tmp_path),
+    index = coco.index_of_dict(labeled)
+    (written,) = evaluation.write_review(index, evaluation.review_list(index), str(tmp_path),
                                          str(tmp_path / "review"), 3)
     # by default enlarged to at least 192 rows: 36 × 6
     assert written.endswith("1_score0.5000_ann7.png") and Image.open(written).size == (3 * 36 * 6 + 8, 216)

@@ -149,7 +149,7 @@ def test_coco_polygons_load_and_decode_in_pycocotools(labeled, tmp_path):
 
     out, _, masks = labeled
     dest = tmp_path / "poly.json"
-    s = export.write(out, "coco-polygons", dest)
+    s = export.write(coco.index_of_dict(out), "coco-polygons", dest)
     ring = masks_case()["ring"]
     n = sum(m.any() for m in masks.values())
     assert s == dict(images=3, annotations=len(out["annotations"]), masks=len(masks),
@@ -183,7 +183,7 @@ def test_yolo_passes_ultralytics_checker_and_decodes(labeled, tmp_path):
 
     out, img_dir, masks = labeled
     dest = tmp_path / "yolo"
-    s = export.write(out, "yolo", dest, img_dir)
+    s = export.write(coco.index_of_dict(out), "yolo", dest, img_dir)
     n = sum(m.any() for m in masks.values())
     assert s == dict(images=3, label_files=3, lines=n, images_linked=3, images_copied=0, images_missing=0,
                      masks=len(masks), parts_joined=2, holes_dropped=1, empty_masks=1, unlabeled_skipped=1,
@@ -227,7 +227,7 @@ def test_yolo_passes_ultralytics_checker_and_decodes(labeled, tmp_path):
     assert len(ious) == n - 1 and np.mean(ious) >= 0.95
     # A rerun replaces what it wrote; images already in place (image_dir = dest/images) are left alone.
     before = {p: open(p).read() for p in map(str, (dest / "labels").rglob("*.txt"))}
-    s2 = export.write(out, "yolo", dest, str(dest / "images"))
+    s2 = export.write(coco.index_of_dict(out), "yolo", dest, str(dest / "images"))
     assert s2 == s and before == {p: open(p).read() for p in map(str, (dest / "labels").rglob("*.txt"))}
     assert Image.open(dest / "images" / "sub" / "b.png").size == (40, 30)
 
@@ -235,7 +235,7 @@ def test_yolo_passes_ultralytics_checker_and_decodes(labeled, tmp_path):
 def test_png_instances_read_back_with_pillow(labeled, tmp_path):
     out, _, masks = labeled
     dest = tmp_path / "png"
-    s = export.write(out, "png", dest)
+    s = export.write(coco.index_of_dict(out), "png", dest)
     case = masks_case()
     n = sum(m.any() for m in masks.values())
     assert s == dict(images=3, pngs=3, instances=n, empty_masks=1, unlabeled_skipped=1,
@@ -272,13 +272,13 @@ def test_png_counts_hidden_instances_and_refuses_too_many(tmp_path):
     ann = dict(image_id=1, category_id=1, bbox=bbox(m), segmentation=coco.encode(m))
     out = dict(images=[dict(id=1, file_name="x.jpg", width=8, height=6)], categories=[{"id": 1, "name": "a"}],
                annotations=[dict(ann, id=1), dict(ann, id=2)])
-    s = export.write(out, "png", tmp_path / "p")
+    s = export.write(coco.index_of_dict(out), "png", tmp_path / "p")
     assert (s["instances"], s["instances_hidden"], s["overlap_pixels_lost"]) == (2, 1, m.sum())
     one = np.ones((1, 1), bool)
     out = dict(images=[dict(id=1, file_name="x.jpg", width=1, height=1)], categories=[],
                annotations=[dict(id=i, image_id=1, segmentation=coco.encode(one)) for i in range(65536)])
     with pytest.raises(util.InputError, match=r"image 1 \(x.jpg\): 65536 masks, more than a 16-bit PNG"):
-        export.write(out, "png", tmp_path / "q")
+        export.write(coco.index_of_dict(out), "png", tmp_path / "q")
 
 
 def test_polygon_formats_without_opencv_say_how_to_install(labeled, tmp_path, monkeypatch):
@@ -286,10 +286,11 @@ def test_polygon_formats_without_opencv_say_how_to_install(labeled, tmp_path, mo
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
     for fmt, dest in (("coco-polygons", tmp_path / "p.json"), ("yolo", tmp_path / "y")):
         with pytest.raises(util.InputError) as e:
-            export.write(out, fmt, dest, img_dir)
+            export.write(coco.index_of_dict(out), fmt, dest, img_dir)
         assert str(e.value) == f"--format {fmt} needs OpenCV: pip install opencv-python-headless"
         assert not os.path.exists(dest)
-    assert export.write(out, "png", tmp_path / "png")["pngs"] == 3  # a raster needs no OpenCV
+    # a raster needs no OpenCV
+    assert export.write(coco.index_of_dict(out), "png", tmp_path / "png")["pngs"] == 3
 
 
 def test_bad_input_is_one_line_naming_it(labeled, tmp_path):
@@ -307,7 +308,8 @@ def test_bad_input_is_one_line_naming_it(labeled, tmp_path):
               r"annotation 1: its mask is 64x48 but image 1 is 65x48")]
     for fmt, change, msg in cases:
         with pytest.raises(util.InputError, match=msg) as e:
-            export.write({**out, **change}, fmt, tmp_path / "o", img_dir if change else None)
+            export.write(coco.index_of_dict({**out, **change}), fmt, tmp_path / "o",
+                         img_dir if change else None)
         assert "\n" not in str(e.value)
 
 
@@ -348,3 +350,52 @@ def test_the_command_says_what_is_wrong_in_one_line(world, tmp_path):
         export.main([str(world / "boxes.json"), "--images", str(tmp_path / "nowhere"), "--vis", "1"])
     with pytest.raises(SystemExit):  # nothing asked for: an argparse error (status 2)
         export.main([str(world / "boxes.json"), "--images", str(world / "img")])
+
+
+def test_the_command_streams_a_labels_file_in_any_order(labeled, tmp_path, monkeypatch):
+    """export.py reads the labels file through its index, never whole (json.load and json.loads of the
+    whole file fail here), and groups by image whatever the file's order: annotations first and
+    interleaved across images (each image's in their order, which numbers its instances) give the same
+    PNGs, overlays, review sheets and instances.json as the file grouped by image, and coco-polygons
+    keeps the file's own key and annotation order, compact as json.dump writes it."""
+    out, img_dir, _ = labeled
+    seen = collections.Counter()
+    nth = [seen.update([a["image_id"]]) or seen[a["image_id"]] for a in out["annotations"]]
+    anns = [a for _, a in sorted(zip(nth, out["annotations"]), key=lambda p: (p[0], -p[1]["image_id"]))]
+    assert [a["image_id"] for a in anns][:2] == [5, 1]  # image 5's annotation first, then image 1's
+    variants = {"ordered": out, "shuffled": {"annotations": anns, **{k: v for k, v in out.items()
+                                                                    if k != "annotations"}}}
+    whole = lambda *a, **k: pytest.fail("the labels file was read whole")  # noqa: E731
+    monkeypatch.setattr(json, "load", whole)
+    monkeypatch.setattr(util, "read_json", whole)
+    fmts = ["png"] + (["coco-polygons"] if _has_cv2() else [])
+    trees = {}
+    for name, doc in variants.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "labels.json").write_text(json.dumps(doc, indent=2))
+        for fmt in fmts:
+            dest = d / ("poly.json" if fmt == "coco-polygons" else "png")
+            export.main([str(d / "labels.json"), "--images", img_dir, "--format", fmt, "--out", str(dest),
+                         "--vis", "3", "--review", "4"])
+        trees[name] = {p: v for p, v in _tree(d).items() if not p.startswith(("labels.json", "poly.json"))}
+    assert trees["ordered"] == trees["shuffled"]
+    assert len([p for p in trees["ordered"] if p.startswith("labels.review")]) == 4
+    assert len([p for p in trees["ordered"] if p.startswith("labels.vis")]) == 2  # images 1 and 5 have masks
+    if "coco-polygons" in fmts:
+        got = {name: (tmp_path / name / "poly.json").read_text() for name in variants}
+        parsed = {name: json.JSONDecoder().decode(text) for name, text in got.items()}
+        for name, doc in variants.items():
+            assert got[name] == json.dumps(parsed[name], separators=(",", ":"))
+            assert list(parsed[name]) == list(doc)
+            assert [a["id"] for a in parsed[name]["annotations"]] == [a["id"] for a in doc["annotations"]]
+        by_id = {a["id"]: a for a in parsed["ordered"]["annotations"]}
+        assert all(by_id[a["id"]] == a for a in parsed["shuffled"]["annotations"])
+
+
+def _has_cv2():
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -276,7 +276,7 @@ def test_formats_write_what_their_clients_read(world, tmp_path, capsys):
             and (tmp_path / "poly.rle.report.json").exists())
     label.main(label_argv(world, tmp_path / "png", "--format", "png"))
     assert sorted(os.listdir(tmp_path / "png")) == sorted(
-        ["labels.json", "labels.report.json", "labels.review.json", "instances.json"] +
+        ["labels.json", "labels.json.index", "labels.report.json", "labels.review.json", "instances.json"] +
         [f"{i}.png" for i in range(1, 8)] + ["missing.png", "corrupt.png"])  # a label image per image entry
     ultralytics = pytest.importorskip("ultralytics")  # noqa: F841
     from ultralytics.data.dataset import YOLODataset

@@ -235,6 +235,22 @@ def test_pretrain_skips_and_counts_unreadable_images(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_pretrain_image_views_of_a_json_read_its_names_from_the_box_index(tiny_set, tmp_path, monkeypatch):
+    """--json --views images: the JSON's listed images, in its order, named from its box index (the JSON is
+    never read whole) and the same views as those images listed by hand."""
+    whole = lambda *a, **k: pytest.fail("the JSON was read whole")  # noqa: E731
+    monkeypatch.setattr(json, "load", whole)
+    args = pretrain.get_args(pretrain_argv(tmp_path / "run", "--json", tiny_set["train_json"], "--images",
+                                           tiny_set["train_images"], "--views", "images"))
+    views = pretrain.make_views(args)
+    monkeypatch.undo()
+    listed = [im["file_name"] for im in json.load(open(tiny_set["train_json"]))["images"]]
+    assert list(views.files) == listed and len(views) == len(listed) == 6
+    by_hand = pretrain.ImageViews(tiny_set["train_images"], listed, 32)
+    for i in (0, 5):
+        assert torch.equal(views[i]["image"], by_hand[i]["image"]) and views[i]["error"] is None
+
+
 def test_pretrain_bad_flags_are_one_line_errors(tiny_set, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--images", str(tmp_path), "--views", "boxes"])
