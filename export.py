@@ -34,9 +34,8 @@ from pycocotools import mask as mask_utils
 import coco
 import evaluation
 import options
+import recipes
 import util
-
-FORMATS = ("coco-polygons", "yolo", "png")
 
 
 def needs(fmt):
@@ -50,7 +49,7 @@ def _cv2(fmt):
     try:
         import cv2
     except ImportError:
-        raise util.InputError(f"--format {fmt} needs OpenCV: pip install opencv-python-headless") from None
+        raise util.InputError(f"the {fmt} format needs OpenCV: pip install opencv-python-headless") from None
     return cv2
 
 
@@ -284,7 +283,7 @@ def _place_image(src, dst, s):
 
 def _yolo(index, dest, image_dir):
     if image_dir is None:
-        raise util.InputError("--format yolo needs the images' folder (--images): its images/ links to them")
+        raise util.InputError("the yolo format needs the images' folder: its images/ links to them")
     s = dict.fromkeys(("images", "label_files", "lines", "images_linked", "images_copied", "images_missing",
                        "masks", "parts_joined", "holes_dropped", "hole_pixels_filled", "empty_masks",
                        "unlabeled_skipped", "degenerate_parts_dropped"), 0)
@@ -373,11 +372,12 @@ _WRITERS = {"coco-polygons": _coco_polygons, "yolo": _yolo, "png": _png}
 
 def write(index, fmt, dest, image_dir=None):
     """Write label.py's output, read through its index (coco.box_index of the labels file, or
-    coco.index_of_dict), as `fmt` (one of FORMATS) to `dest`, an image or an annotation at a time: a JSON
-    file for coco-polygons, a folder (made if missing) for yolo and png; yolo links its images/ to those
-    in image_dir. Returns the summary: what was written, and what the format could not hold."""
+    coco.index_of_dict), as `fmt` (one of recipes.FORMATS) to `dest`, an image or an annotation at a
+    time: a JSON file for coco-polygons, a folder (made if missing) for yolo and png; yolo links its
+    images/ to those in image_dir. Returns the summary: what was written, and what the format could
+    not hold."""
     if fmt not in _WRITERS:
-        raise util.InputError(f"--format {fmt!r}: not one of {', '.join(FORMATS)}")
+        raise util.InputError(f"format {fmt!r}: not one of {', '.join(recipes.FORMATS)}")
     if fmt != "png":
         _cv2(fmt)  # before anything is written
     if fmt != "coco-polygons":
@@ -421,7 +421,7 @@ def get_args(argv=None):
                     "same files as label.py's own flags.", formatter_class=options.HelpFormatter)
     p.add_argument("labels", help="label.py's output (its --out, or OUT/labels.json for yolo and png)")
     p.add_argument("--images", required=True, help="the image folder the labels' file_name is relative to")
-    p.add_argument("--format", choices=["coco", *FORMATS], default="coco",
+    p.add_argument("--format", choices=["coco", *recipes.FORMATS], default="coco",
                    help="coco-polygons: a COCO JSON with polygons (holes filled, counted); yolo: an "
                         "ultralytics YOLO-seg dataset (images/, labels/, data.yaml); png: 16-bit "
                         "instance-label images with instances.json; coco: none (the labels are those)")

@@ -287,7 +287,7 @@ def test_polygon_formats_without_opencv_say_how_to_install(labeled, tmp_path, mo
     for fmt, dest in (("coco-polygons", tmp_path / "p.json"), ("yolo", tmp_path / "y")):
         with pytest.raises(util.InputError) as e:
             export.write(coco.index_of_dict(out), fmt, dest, img_dir)
-        assert str(e.value) == f"--format {fmt} needs OpenCV: pip install opencv-python-headless"
+        assert str(e.value) == f"the {fmt} format needs OpenCV: pip install opencv-python-headless"
         assert not os.path.exists(dest)
     # a raster needs no OpenCV
     assert export.write(coco.index_of_dict(out), "png", tmp_path / "png")["pngs"] == 3
@@ -296,8 +296,8 @@ def test_polygon_formats_without_opencv_say_how_to_install(labeled, tmp_path, mo
 def test_bad_input_is_one_line_naming_it(labeled, tmp_path):
     pytest.importorskip("cv2")
     out, img_dir, _ = labeled
-    cases = [("tiff", {}, r"--format 'tiff': not one of coco-polygons, yolo, png"),
-             ("yolo", {}, r"--format yolo needs the images' folder"),
+    cases = [("tiff", {}, r"format 'tiff': not one of coco-polygons, yolo, png"),
+             ("yolo", {}, r"the yolo format needs the images' folder"),
              ("png", dict(images=[dict(out["images"][0], file_name="../a.png"), *out["images"][1:]]),
               r"file_name '../a.png' is not a path"),
              ("png", dict(images=[*out["images"], dict(id=9, file_name="a.jpg", width=4, height=4)]),
