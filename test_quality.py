@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import evaluation
 import quality
 import train
 
@@ -114,7 +115,12 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     assert len(row) == 1 and "| small |" in row[0]
     r = json.load(open(tmp_path / "r.json"))
     res = r["results"]["tiny"]["small"]
-    assert 0 <= res["eval"]["miou"] <= 1 and res["eval"]["ellipse_miou"] > 0 and res["minutes"]["train"] > 0
+    # The figures are the run's own labels' against the set's GT masks, and the table shows them.
+    labels = os.path.join(tmp_path, "runs", "tiny", "small", "labels.json")
+    ref = evaluation.evaluate(json.load(open(tiny_set["val_json"])), json.load(open(labels)))
+    assert all(res["eval"][k] == pytest.approx(ref[k]) for k in ("miou", "ellipse_miou", "box_miou", "n"))
+    assert f"| {ref['miou']:.3f} (" in row[0] and f"| {ref['ellipse_miou']:.3f} |" in row[0]
+    assert res["minutes"]["train"] > 0
     assert "--steps" in res["commands"]["train"] and r["recipes"]["small"][0] == "--demo"
     log = os.path.join(tmp_path, "runs", "tiny", "small", "train.log")
     mtime = os.path.getmtime(log)
