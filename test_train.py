@@ -218,6 +218,7 @@ def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
                              "--val-images", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_train_gt_masks_upper_bound_learns(tiny_set, tmp_path):
     train.main(tiny_argv(tiny_set, tmp_path, "--gt-masks", "--epochs", "30", "--lr-per-image", "2e-4",
                          "--drop-path", "0"))
