@@ -81,7 +81,7 @@ def test_mask_score_is_deterministic(world):
             for b in (4, 4, 1, 32)]
     scores = [{a: r["mask_score"] for a, r in res.items()} for res in runs]
     assert len(scores[0]) == 14 and all(s == scores[0] for s in scores)
-    assert all(isinstance(v, float) and 0 <= v <= 1 for v in scores[0].values())
+    assert len(set(scores[0].values())) > 1  # the scores tell the masks apart: no constant to agree on
 
 
 @pytest.mark.parametrize("crf", [0, 5])
@@ -103,7 +103,7 @@ def test_mask_score_ranks_oracle_masks_by_iou(tmp_path, crf):
                                                                           got["Half"])
     assert iou_perfect > 0.95 and 0.7 < iou_spill < 0.85 and 0.4 < iou_half < 0.6  # the cases are what
                                                                                    # they say
-    assert 1 >= s_perfect > s_spill > s_half >= 0
+    assert s_perfect > 0.9 and s_perfect > s_spill > s_half  # a sure mask that fits its box scores near 1
 
 
 def test_predictor_gives_label_py_s_masks(world, tmp_path):

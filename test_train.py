@@ -110,7 +110,7 @@ def test_train_lr_schedule():
 
 
 def test_train_steps_lower_the_loss(tiny_set, tmp_path):
-    train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "30", "--lr-per-image", "2e-4", "--drop-path", "0"))
+    train.main(tiny_argv(tiny_set, tmp_path, "--epochs", "8", "--lr-per-image", "2e-4", "--drop-path", "0"))
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert len(log) >= 20 and log[-1]["step"] == log[-1]["total"]
     first = sum(r["loss"] for r in log[:5]) / 5
@@ -177,6 +177,7 @@ def test_train_resume_is_exact(tiny_set, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+@pytest.mark.slow
 def test_train_compile_follows_eager(tiny_set, tmp_path):
     """train.py --compile (torch.compile of the task network and the teacher: inductor, C++ on the CPU)
     trains and follows the eager run: the same crops and no stochastic depth, so the same losses."""
@@ -203,6 +204,7 @@ def test_train_refuses_a_resume_that_changes_the_run(tiny_set, tmp_path):
                              "--val-images", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_train_gt_masks_upper_bound_learns(tiny_set, tmp_path):
     train.main(tiny_argv(tiny_set, tmp_path, "--gt-masks", "--epochs", "30", "--lr-per-image", "2e-4",
                          "--drop-path", "0"))
