@@ -199,8 +199,8 @@ def shapes_eval(root):
         run = os.path.join(root, "run")
         train.main(["--demo", "--train-json", js, "--images", images, "--out", run, "--steps", "100",
                     "--img-size", "32", "--patch-size", "4", "--depth", "1", "--decoder-dim", "32",
-                    "--batch-size", "8", "--loss-size", "32", "--min-area", "16", "--lr-per-image", "2e-4",
-                    "--workers", "0", "--device", "cpu", "--log-every", "1000"])
+                    "--batch-size", "8", "--min-area", "16", "--lr-per-image", "2e-4", "--workers", "0",
+                    "--device", "cpu", "--recipe", "loss_size=32", "log_every=1000"])
         ev = {}
         for name, flags in (("net", ["--no-crf-refine"]), ("refined", [])):
             out = os.path.join(root, f"{name}.json")
