@@ -208,11 +208,10 @@ VALIDATE_KEYS = ("miou", "miou_small", "miou_medium", "miou_large", "box_miou", 
                  "box_miou_medium", "box_miou_large", "ap", "ap50", "box_ap", "box_ap50")
 
 
-def validate(net, val_json, val_images, device, settings, max_images=None, **kw):
+def validate(net, src, val_images, device, settings, max_images=None, **kw):
     """train.py's per-epoch validation, through the same path as label.py: label the GT boxes of the
-    first `max_images` val images (sorted ids) with the LabelSettings and evaluate them. kw:
-    LabelStream's options."""
-    src = val_json if isinstance(val_json, dict) else coco.read_instances(val_json, "--val-json")
+    first `max_images` images (sorted ids) of `src` (a COCO instances dict with GT masks) with the
+    LabelSettings and evaluate them. kw: LabelStream's options."""
     ids = sorted({a["image_id"] for a in src["annotations"]})
     ids = ids[:max_images] if max_images else ids
     images = {im["id"]: im for im in src["images"]}

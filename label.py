@@ -199,10 +199,9 @@ def check_inputs(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
 
-def resolve_settings(args):
+def resolve_settings(args, ck):
     """The LabelSettings to label with: each flag or --recipe item given wins over the checkpoint's own;
     said in one line."""
-    ck = predictor.load_checkpoint(args.ckpt, mmap=True)  # mapped, not read: only its small entries are used
     saved, recommended = recipes.checkpoint_settings(ck)
     given = [k for k in SETTINGS if getattr(args, k) is not None]
     settings = dataclasses.replace(saved, **{k: getattr(args, k) for k in given}).updated(args.recipe)
@@ -259,12 +258,12 @@ def select_boxes(args, d):
     return index, kept, labelable, img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
 
 
-def label_chunks(args, d, settings, index, labelable, img_rows, mine, parts, stop):
+def label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts, stop):
     """Label this rank's chunks, each written to OUT.parts/ as soon as its images are done; the images
     and their boxes are read from the index as the loader reaches them. On SIGINT or SIGTERM (stop), the
     boxes done in the chunk at hand go to its .partial.json, all but less than a batch, and a rerun
     labels only the rest."""
-    nets = predictor.build_nets(predictor.load_checkpoint(args.ckpt), settings.net, d.device, args.ckpt)
+    nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt)
     kept = {k: read_results(partial_path(parts, k)) for k in mine}
     todo = labelable.copy()
     done = [a for r in kept.values() for a in r]
@@ -378,7 +377,7 @@ def write_outputs(args, index, kept, labelable, results):
     return summary
 
 
-def write_extras(args, d, index):
+def write_extras(args, d, ck, index):
     """--eval, then --vis, --review and --format (export.write_requested, as export.py: OUT read through
     its own index, an image or an annotation at a time)."""
     if args.eval:
@@ -390,7 +389,7 @@ def write_extras(args, d, index):
             out = util.read_json(args.out, "--out")
             gt = util.read_json(args.json if index.kind == "instances" else args.images_json, "GT JSON")
             r = evaluation.evaluate(gt, out, match_ids=index.kind == "instances")
-            net = predictor.build_nets(predictor.load_checkpoint(args.ckpt), "task", d.device, args.ckpt)[0]
+            net = predictor.build_nets(ck, "task", d.device, args.ckpt)[0]
             r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, gt, args.images,
                                                                                   d.device)
             util.write_json(util.side_file(args.out, ".eval.json"), r)
@@ -416,14 +415,14 @@ def summary_line(args, s, t0):
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
 
 
-def run(args, d, settings, t0, stop):
+def run(args, d, ck, settings, t0, stop):
     """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0)."""
     index, kept, labelable, img_rows = select_boxes(args, d)
     n_chunks = -(-len(img_rows) // args.chunk_images)
     parts, done = open_parts(args, d, n_chunks)
     mine = [k for k in range(n_chunks) if k not in done][d.rank::d.world]
     if mine:
-        label_chunks(args, d, settings, index, labelable, img_rows, mine, parts, stop)
+        label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts, stop)
     util.barrier(d)
     if d.rank != 0:
         return 0
@@ -432,7 +431,7 @@ def run(args, d, settings, t0, stop):
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
-        write_extras(args, d, index)
+        write_extras(args, d, ck, index)
     print(summary_line(args, summary, t0), file=sys.stderr, flush=True)
     return summary["unlabeled"]
 
@@ -451,9 +450,10 @@ def main(argv=None):
     with util.Stop("label.py", said) as stop:
         try:
             check_inputs(args)
-            settings = resolve_settings(args)
+            ck = predictor.load_checkpoint(args.ckpt, mmap=True)  # once; mapped, each network read from it
+            settings = resolve_settings(args, ck)
             d = util.setup_distributed(args.device, args.dist_timeout)
-            n_unlabeled = run(args, d, settings, t0, stop)
+            n_unlabeled = run(args, d, ck, settings, t0, stop)
         except util.InputError as e:
             util.fail("label.py", e)
         finally:

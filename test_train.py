@@ -130,7 +130,7 @@ def test_train_keeps_last_and_best_rates_training_only_and_logs_loss_weights(tin
     log.jsonl carry the loss weights as they ramp in."""
     mious, clock, real_time = {1: float("nan"), 2: 0.5, 3: 0.4}, [0.0], time.time
 
-    def log_validation(args, net, teacher, device, epoch, step):  # takes 1000 s of a fake clock
+    def log_validation(args, val, net, teacher, device, epoch, step):  # takes 1000 s of a fake clock
         clock[0] += 1000.0
         return {"miou": mious[epoch]}
 

@@ -197,12 +197,14 @@ def make_model(args, device, lr, init=None):
 
 class Run:
     """What a checkpoint holds besides the loop's position (util.Loop): the task network, the EMA teacher,
-    the optimizer, the best validation epoch and the label settings this run recommends."""
+    the optimizer, the best validation epoch and the label settings this run recommends; and the
+    validation set's JSON, which rank 0 (the one that validates) reads once."""
 
     def __init__(self, args, d, net, teacher, opt, model_args):
         self.args, self.d, self.net, self.teacher, self.opt, self.model_args = (args, d, net, teacher, opt,
                                                                                 model_args)
         self.best = {"epoch": None, "miou": float("-inf")}
+        self.val = coco.read_instances(args.val_json, "--val-json") if args.val_json and d.rank == 0 else None
 
     def resume(self, ck):
         self.net.load_state_dict(ck["task"])
@@ -228,19 +230,20 @@ def epoch_end(args, run, loop):
     paths = [os.path.join(args.out, f"epoch_{loop.epoch}.pt")] if args.keep_epochs else []
     if run.d.rank == 0 and args.val_json:
         with loop.progress.paused():
-            miou = log_validation(args, run.net, run.teacher, run.d.device, loop.epoch, loop.step)["miou"]
+            miou = log_validation(args, run.val, run.net, run.teacher, run.d.device, loop.epoch,
+                                  loop.step)["miou"]
         if miou > run.best["miou"]:  # a NaN mIoU never is
             run.best = {"epoch": loop.epoch, "miou": miou}
             paths.append(os.path.join(args.out, "best.pt"))
     loop.save(*paths)  # after validation: its RNG draws are in the state, so a resume is exact
 
 
-def log_validation(args, net, teacher, device, epoch, step):
-    """Pseudo-label mIoU on a fixed subset of the validation set, through label.py's inference path
-    with the label-time settings this run's checkpoints recommend."""
+def log_validation(args, val, net, teacher, device, epoch, step):
+    """Pseudo-label mIoU on a fixed subset of the validation set (val: its JSON, read once), through
+    label.py's inference path with the label-time settings this run's checkpoints recommend."""
     s = recipes.label_settings(args)
     nets = {"task": [net], "teacher": [teacher], "avg": [net, teacher]}[s.net]
-    res = evaluation.validate(nets, args.val_json, args.val_images, device, s, max_images=args.val_max_images)
+    res = evaluation.validate(nets, val, args.val_images, device, s, max_images=args.val_max_images)
     print(f"val epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr,
           flush=True)
     with open(os.path.join(args.out, "val.jsonl"), "a") as f:
@@ -394,7 +397,7 @@ def train(args, stop, demo_command):
         + (f"; best.pt: epoch {run.best['epoch']}, mIoU {run.best['miou']:.3f}"
            if run.best["epoch"] is not None else ""))
     if d.rank == 0 and args.demo and args.val_json and loop.step % steps_per_epoch:
-        log_validation(args, net, teacher, d.device, loop.epoch, loop.step)  # epoch ends have just validated
+        log_validation(args, run.val, net, teacher, d.device, loop.epoch, loop.step)  # epoch ends validated
     if d.ddp:
         check_teacher(d, teacher)
         log(f"teacher identical on all {d.world} ranks")
