@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter, ImageStat
 import coco
 import mal
 import options
+import recipes
 import util
 
 # ----------------------------------------------------------------------------------------------
@@ -32,10 +33,6 @@ import util
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Minimum box area (px²) used by the public MAL recipe; BoxDataset's own default is 0 (keep all).
-RECIPE_MIN_AREA = 2048.0
-
 
 def normalize(x):
     """uint8 (or float in 0..255) images [..., 3, H, W] -> float, ImageNet mean/std, on x's device."""
@@ -289,7 +286,7 @@ class BoxDataset(torch.utils.data.Dataset):
     Only `bbox` is read (annotations need no `segmentation`). Boxes are skipped, and counted in
     `self.skipped`, when: the image entry is missing, iscrowd, non-finite or w<=0/h<=0
     ("degenerate"), not overlapping the image, or w*h < min_area (the public recipe uses
-    RECIPE_MIN_AREA = 2048).
+    recipes.MIN_AREA = 2048).
 
     Sample dict: image (uint8 [3,S,S], task-network input: flip + jitter/grey/blur),
     teacher_image (uint8 [3,S,S], same crop and flip, no colour augmentation), box_mask (float [S,S]),
@@ -641,7 +638,7 @@ def main(argv=None):
     s.add_argument("--json", required=True, help="COCO-format instances JSON")
     s.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
     s.add_argument("--min-area", type=float, default=0.0,
-                   help=f"skip boxes with w*h below this (recipe: {RECIPE_MIN_AREA:g})")
+                   help=f"skip boxes with w*h below this (recipe: {recipes.MIN_AREA:g})")
     s.add_argument("--check-images", action="store_true",
                    help="also decode every used image and report failures")
     args = p.parse_args(argv)

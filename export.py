@@ -19,7 +19,11 @@ label.py's own --format, --vis and --review (which go through write_requested to
   python export.py labels.json --images DIR --format yolo --out yolo/    # or coco-polygons, png
   python export.py labels.json --images DIR --vis 20 --review 50
 """
-import argparse
+import options
+
+if __name__ == "__main__":
+    options.export_parser().parse_known_args()  # --help answers before torch loads
+
 import json
 import os
 import shutil
@@ -33,7 +37,6 @@ from pycocotools import mask as mask_utils
 
 import coco
 import evaluation
-import options
 import recipes
 import util
 
@@ -415,22 +418,7 @@ def write_requested(labels_path, image_dir, *, fmt="coco", dest=None, vis=0, vis
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Export a labels file that label.py wrote (COCO instances with RLE masks) without "
-                    "labeling again: --format's files, --vis overlays, --review's lowest-scored masks; the "
-                    "same files as label.py's own flags.", formatter_class=options.HelpFormatter)
-    p.add_argument("labels", help="label.py's output (its --out, or OUT/labels.json for yolo and png)")
-    p.add_argument("--images", required=True, help="the image folder the labels' file_name is relative to")
-    p.add_argument("--format", choices=["coco", *recipes.FORMATS], default="coco",
-                   help="coco-polygons: a COCO JSON with polygons (holes filled, counted); yolo: an "
-                        "ultralytics YOLO-seg dataset (images/, labels/, data.yaml); png: 16-bit "
-                        "instance-label images with instances.json; coco: none (the labels are those)")
-    p.add_argument("--out", help="where --format writes: a JSON file (coco-polygons) or a folder")
-    p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
-    p.add_argument("--vis-dir", help="overlay folder (default LABELS without .json + '.vis')")
-    p.add_argument("--review", type=int, default=0, metavar="N",
-                   help="write an overlay of each of the N lowest-scored masks (mask_score in the file name) "
-                        "to LABELS without .json + '.review/'")
+    p = options.export_parser()
     args = p.parse_args(argv)
     if args.format != "coco" and not args.out:
         p.error(f"--format {args.format} needs --out")

@@ -1,5 +1,5 @@
-"""The command lines of train.py and label.py: what a user sets, grouped for --help. Torch-free, so that
-`--help` (and a mistyped flag) answers before the commands import torch; the commands read the
+"""The command lines of train.py, label.py, pretrain.py and export.py: what a user sets, grouped for
+--help. Torch-free, so that `--help` answers before the commands import torch; the commands read the
 parsed flags into their recipes (recipes.py).
 """
 import argparse
@@ -38,7 +38,8 @@ def train_parser():
     g("--images", help="folder of the training images (file_name in the JSON is relative to it)")
     g("--val-json", help="COCO JSON with GT masks for per-epoch pseudo-label mIoU (optional)")
     g("--val-images", help="folder of the validation images")
-    g("--min-area", type=float, default=2048.0, help="skip boxes smaller than this many px² (public recipe)")
+    g("--min-area", type=float, default=recipes.MIN_AREA,
+      help="skip boxes smaller than this many px² (public recipe)")
     g("--color-aug", action=argparse.BooleanOptionalAction, default=True,
       help="colour jitter, greyscale and blur on the task network's input (§4.2)")
     g("--workers", type=int, default=4, help="DataLoader worker processes per process")
@@ -150,4 +151,94 @@ def label_parser():
     g("--keep-parts", action="store_true", help="keep OUT.parts/ after the merge")
     g("--dist-timeout", type=float, default=24.0, help="hours ranks wait for each other")
     g("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+class PretrainHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default, and the epilog's tables as written."""
+
+
+def pretrain_parser():
+    p = argparse.ArgumentParser(
+        description="MAE pretraining of MAL's ViT encoder; train.py --init OUT/last.pt starts MAL from it.",
+        formatter_class=PretrainHelpFormatter, prog="pretrain.py",
+        epilog="""\
+views:
+  --images DIR alone       every image under DIR (recursively; jpg, jpeg, png, bmp, tif, tiff, webp in
+                           any letter case) as MAE's random resized crops (scale 0.2-1, aspect 3/4-4/3)
+                           with horizontal flips
+  --json BOXES.json        the RoI crops of its boxes (file_name relative to --images): the crops MAL
+                           trains on (data.BoxDataset with its random expansion and flip, no colour
+                           augmentation); --min-area as train.py's
+  --json ... --views images  the JSON's listed images whole, as random resized crops
+
+the demo (no arguments, or --demo with flags that override it):
+  train.py's demo encoder (vit_tiny, 3 blocks, patch 8, 96 px) on the box crops of the demo's training
+  set, decoder 1x128, 8 epochs (about 2.5 min on 2 CPU cores), into demo/pretrain/. Longer runs
+  reconstruct better: python pretrain.py --demo --epochs 80. Then MAL from it:
+  python train.py --demo --init demo/pretrain/last.pt
+
+A killed run continues with the same command plus --resume.""")
+    a = p.add_argument
+    a("--demo", action="store_true", help="pretrain on the embedded demo set (the default with no arguments)")
+    a("--images",
+      help="image folder: every image under it, or the folder that --json's file_name is relative to")
+    a("--json", help="COCO-format JSON: its boxes' RoI crops (or, with --views images, its images)")
+    a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
+    a("--min-area", type=float, default=recipes.MIN_AREA,
+      help="box views: skip boxes smaller than this many px²")
+    a("--arch", default="vit_base", metavar="ARCH",
+      help="ViT image encoder: vit_tiny, vit_small, vit_base, vit_large, vit_huge (MAE's plain ViTs; a "
+           "wrong name lists them)")
+    a("--depth", type=int, default=None, help="override the encoder's number of blocks")
+    a("--patch-size", type=int, default=16, help="ViT patch size")
+    a("--img-size", type=int, default=224,
+      help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
+    a("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked (MAE: 0.75)")
+    a("--norm-pix", action=argparse.BooleanOptionalAction, default=True,
+      help="targets: each patch's pixels normalised by its own mean and variance (MAE's default), or "
+           "--no-norm-pix for the pixels themselves (colour included)")
+    a("--decoder-dim", type=int, default=512, help="width of MAE's decoder (MAE: 512)")
+    a("--decoder-depth", type=int, default=8, help="blocks of MAE's decoder (MAE: 8)")
+    a("--decoder-heads", type=int, default=16, help="attention heads of MAE's decoder (MAE: 16)")
+    a("--batch-size", type=int, default=64, help="views per process per micro-step")
+    a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
+    a("--epochs", type=int, default=400,
+      help="epochs; the learning-rate schedule spans all of them (MAE: 800)")
+    a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
+    a("--lr-per-image", type=float, default=1.5e-4 / 256,
+      help="peak learning rate per image of the global batch (MAE: base lr 1.5e-4 per 256 images)")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay to 0 "
+      "(default: 5%% of all steps, as MAE's 40 of 800 epochs)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
+    a("--out", default="runs/mae", help="run folder (last.pt, log.jsonl, vis/)")
+    a("--resume", nargs="?", const="last", default=None,
+      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
+    a("--seed", type=int, default=0, help="seed of the weights, the data order, the views and the masks")
+    a("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
+    a("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    a("--save-minutes", type=float, default=10.0, help="write last.pt about this often between epoch ends")
+    a("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
+    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
+    a("--vis", type=int, default=0, help="at the end, write N reconstruction PNGs to OUT/vis/")
+    return p
+
+
+def export_parser():
+    p = argparse.ArgumentParser(
+        description="Export a labels file that label.py wrote (COCO instances with RLE masks) without "
+                    "labeling again: --format's files, --vis overlays, --review's lowest-scored masks; the "
+                    "same files as label.py's own flags.", formatter_class=HelpFormatter, prog="export.py")
+    p.add_argument("labels", help="label.py's output (its --out, or OUT/labels.json for yolo and png)")
+    p.add_argument("--images", required=True, help="the image folder the labels' file_name is relative to")
+    p.add_argument("--format", choices=["coco", *recipes.FORMATS], default="coco",
+                   help="coco-polygons: a COCO JSON with polygons (holes filled, counted); yolo: an "
+                        "ultralytics YOLO-seg dataset (images/, labels/, data.yaml); png: 16-bit "
+                        "instance-label images with instances.json; coco: none (the labels are those)")
+    p.add_argument("--out", help="where --format writes: a JSON file (coco-polygons) or a folder")
+    p.add_argument("--vis", type=int, default=0, help="write N overlay PNGs")
+    p.add_argument("--vis-dir", help="overlay folder (default LABELS without .json + '.vis')")
+    p.add_argument("--review", type=int, default=0, metavar="N",
+                   help="write an overlay of each of the N lowest-scored masks (mask_score in the file name) "
+                        "to LABELS without .json + '.review/'")
     return p

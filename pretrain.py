@@ -19,7 +19,11 @@ log.jsonl and vis/ (--vis). last.pt is in MAE's published layout: `model` = the
 encoder's keys (mal.VisionTransformer's names) plus decoder_* and mask_token, so mal.load_pretrained
 (train.py --init) and other MAE tools read it; its other top-level keys are what --resume needs.
 """
-import argparse
+import options
+
+if __name__ == "__main__":
+    options.pretrain_parser().parse_known_args()  # --help answers before torch loads
+
 import math
 import os
 import sys
@@ -33,20 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import coco
 import data
 import mal
-import options
 import recipes
 import synthetic
 import util
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-# The demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the demo's
-# training set, what MAL then trains on, so that `train.py --demo --init demo/pretrain/last.pt` works.
-DEMO = dict(json=recipes.DEMO_DATA["train_json"], images=recipes.DEMO_DATA["images"], views="boxes",
-            min_area=recipes.DEMO["min_area"], arch=recipes.DEMO["arch"], depth=recipes.DEMO["depth"],
-            patch_size=recipes.DEMO["patch_size"], img_size=recipes.DEMO["img_size"], decoder_dim=128,
-            decoder_depth=1, decoder_heads=4, batch_size=32, epochs=8, lr_per_image=1e-4, warmup_steps=30,
-            out=os.path.join(recipes.DEMO_HOME, "pretrain"), workers=1, vis=8)
 
 # ----------------------------------------------------------------------------------------------
 # The model: mal's ViT encoder plus MAE's decoder.
@@ -338,77 +333,15 @@ def write_reconstructions(model, dataset, n, out_dir, device, mask_ratio, seed, 
 # The command line and the loop
 
 
-class HelpFormatter(options.HelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default, and the epilog's tables as written."""
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="MAE pretraining of MAL's ViT encoder; train.py --init OUT/last.pt starts MAL from it.",
-        formatter_class=HelpFormatter,
-        epilog="""\
-views:
-  --images DIR alone       every image under DIR (recursively; jpg, jpeg, png, bmp, tif, tiff, webp in
-                           any letter case) as MAE's random resized crops (scale 0.2-1, aspect 3/4-4/3)
-                           with horizontal flips
-  --json BOXES.json        the RoI crops of its boxes (file_name relative to --images): the crops MAL
-                           trains on (data.BoxDataset with its random expansion and flip, no colour
-                           augmentation); --min-area as train.py's
-  --json ... --views images  the JSON's listed images whole, as random resized crops
-
-the demo (no arguments, or --demo with flags that override it):
-  train.py's demo encoder (vit_tiny, 3 blocks, patch 8, 96 px) on the box crops of the demo's training
-  set, decoder 1x128, 8 epochs (about 2.5 min on 2 CPU cores), into demo/pretrain/. Longer runs
-  reconstruct better: python pretrain.py --demo --epochs 80. Then MAL from it:
-  python train.py --demo --init demo/pretrain/last.pt
-
-A killed run continues with the same command plus --resume.""")
-    a = p.add_argument
-    a("--demo", action="store_true", help="pretrain on the embedded demo set (the default with no arguments)")
-    a("--images",
-      help="image folder: every image under it, or the folder that --json's file_name is relative to")
-    a("--json", help="COCO-format JSON: its boxes' RoI crops (or, with --views images, its images)")
-    a("--views", choices=["boxes", "images"], help="with --json: box crops (default) or whole images")
-    a("--min-area", type=float, default=data.RECIPE_MIN_AREA,
-      help="box views: skip boxes smaller than this many px²")
-    a("--arch", default="vit_base", choices=ARCHS, metavar="ARCH",
-      help=f"ViT image encoder: {', '.join(ARCHS)}")
-    a("--depth", type=int, default=None, help="override the encoder's number of blocks")
-    a("--patch-size", type=int, default=16, help="ViT patch size")
-    a("--img-size", type=int, default=224,
-      help="view size (MAE: 224; mal.load_pretrained resamples pos_embed)")
-    a("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked (MAE: 0.75)")
-    a("--norm-pix", action=argparse.BooleanOptionalAction, default=True,
-      help="targets: each patch's pixels normalised by its own mean and variance (MAE's default), or "
-           "--no-norm-pix for the pixels themselves (colour included)")
-    a("--decoder-dim", type=int, default=512, help="width of MAE's decoder (MAE: 512)")
-    a("--decoder-depth", type=int, default=8, help="blocks of MAE's decoder (MAE: 8)")
-    a("--decoder-heads", type=int, default=16, help="attention heads of MAE's decoder (MAE: 16)")
-    a("--batch-size", type=int, default=64, help="views per process per micro-step")
-    a("--accum", type=int, default=1, help="micro-steps accumulated per optimizer step")
-    a("--epochs", type=int, default=400,
-      help="epochs; the learning-rate schedule spans all of them (MAE: 800)")
-    a("--max-steps", type=int, default=None, help="stop after this global step (the schedule is unchanged)")
-    a("--lr-per-image", type=float, default=1.5e-4 / 256,
-      help="peak learning rate per image of the global batch (MAE: base lr 1.5e-4 per 256 images)")
-    a("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay to 0 "
-      "(default: 5%% of all steps, as MAE's 40 of 800 epochs)")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, tokens)")
-    a("--out", default="runs/mae", help="run folder (last.pt, log.jsonl, vis/)")
-    a("--resume", nargs="?", const="last", default=None,
-      help="continue from OUT/last.pt (or the given checkpoint), exactly where it stopped")
-    a("--seed", type=int, default=0, help="seed of the weights, the data order, the views and the masks")
-    a("--device", default="auto", help="auto (CUDA if there is one), cuda or cpu")
-    a("--workers", type=int, default=4, help="DataLoader worker processes per process")
-    a("--save-minutes", type=float, default=10.0, help="write last.pt about this often between epoch ends")
-    a("--save-every", type=int, default=None, help="write last.pt every this many steps instead")
-    a("--log-every", type=float, default=5.0, help="seconds between progress lines")
-    a("--vis", type=int, default=0, help="at the end, write N reconstruction PNGs to OUT/vis/")
+    p = options.pretrain_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or p.parse_args(argv).demo:
-        p.set_defaults(**DEMO)
+        p.set_defaults(**recipes.PRETRAIN_DEMO)
     args = p.parse_args(argv)
     args.demo = args.demo or not argv
+    if args.arch not in ARCHS:
+        p.error(f"--arch {args.arch}: not one of {', '.join(ARCHS)}")
     if not args.images:
         p.error("--images is required (or run with no arguments for the demo)")
     if args.views == "boxes" and not args.json:

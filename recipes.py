@@ -116,9 +116,22 @@ DEMO = dict(arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64,
             steps=750, lr_per_image=5e-5, warmup_steps=50, ema=0.99, color_aug=False, min_area=64.0,
             drop_path=0.0, workers=1, val_max_images=60,
             loss=LossConfig(loss_size=48, mil_ramp=50, crf_ramp=100, flood=Flood()))
+
+# pretrain.py's demo: train.py's demo encoder (a 3-block vit_tiny/8 at 96 px) on the box crops of the
+# demo's training set, what MAL then trains on, so that `train.py --demo --init demo/pretrain/last.pt`
+# works.
+PRETRAIN_DEMO = dict(json=DEMO_DATA["train_json"], images=DEMO_DATA["images"], views="boxes",
+                     min_area=DEMO["min_area"], arch=DEMO["arch"], depth=DEMO["depth"],
+                     patch_size=DEMO["patch_size"], img_size=DEMO["img_size"], decoder_dim=128,
+                     decoder_depth=1, decoder_heads=4, batch_size=32, epochs=8, lr_per_image=1e-4,
+                     warmup_steps=30, out=os.path.join(DEMO_HOME, "pretrain"), workers=1, vis=8)
+
 # Those of DEMO's settings that are train.py flags; the others are --recipe's.
 DEMO_FLAGS = ("arch", "depth", "patch_size", "img_size", "decoder_dim", "batch_size", "steps", "lr_per_image",
               "warmup_steps", "ema", "color_aug", "min_area", "drop_path", "workers")
+
+# Minimum box area (px²) of the public MAL recipe (train.py's default; BoxDataset's own is 0).
+MIN_AREA = 2048.0
 
 # The run's settings that are no flag of train.py (--recipe KEY=VALUE sets them), at the paper's or the
 # public recipe's values: the box expansion θ (§3.1), AdamW's weight decay, the cosine schedule's floor
