@@ -115,11 +115,22 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     r = json.load(open(tmp_path / "r.json"))
     res = r["results"]["tiny"]["small"]
     assert 0 <= res["eval"]["miou"] <= 1 and res["eval"]["ellipse_miou"] > 0 and res["minutes"]["train"] > 0
+    # how well mask_score finds the bad masks: in the JSON, and in the table's row
+    ev = res["eval"]
+    assert ev["score_n"] > 0 and 0 <= ev["score_n_bad"] <= ev["score_n"]
+    assert f"| {quality.score_catch(ev)} |" in row[0] and f"of {ev['score_n_bad']} (" in row[0]
     assert "--steps" in res["commands"]["train"] and r["recipes"]["small"][0] == "--demo"
     log = os.path.join(tmp_path, "runs", "tiny", "small", "train.log")
     mtime = os.path.getmtime(log)
     quality.main(argv)  # the finished run is reused
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
+
+
+def test_score_catch_is_the_bad_masks_share_in_the_lowest_tenth():
+    ev = {"score_n": 423, "score_n_bad": 89, "score_bad_in_low10": 16 / 89, "score_spearman": 0.2758}
+    assert quality.score_catch(ev) == "18% of 89 (0.28)"
+    assert quality.score_catch(dict(ev, score_n_bad=0, score_bad_in_low10=None)) == "- of 0 (0.28)"
+    assert quality.score_catch({"miou": 0.5}) == "-"  # unscored labels
 
 
 def test_the_paper_recipe_is_train_py_s_losses_at_the_demo_s_scale():
