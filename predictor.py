@@ -74,11 +74,11 @@ def mask_score(prob, box_mask, refined=None, refined_box=None):
     p) iff they cross the box; it is 1 − the mean |max p − crosses| over the rows, averaged with the
     same over the columns. A mask that misses part of the object, or spills over the box, loses it.
     Confidence: the mean |2p − 1| inside the box, low where the network hesitates; after the
-    refinement it is also low where the image's colours pull the mask away from the network's, as
-    over a filled hole. Measured against the true IoU on the photo set and both demo sets (QUALITY.md),
-    the refined confidence finds more of the bad masks (IoU < 0.5) among the lowest-scored 10% on the
-    photos (21% against 18%), as many on the demo sets, and ranks every set better (Spearman); the
-    teacher's or the flipped crop's agreement, the mask's holes, pieces or mass on the box's edge or
+    refinement it is also low where the image's colours pull the mask away from the network's.
+    Measured against the true IoU on every quality set (QUALITY.md), the refined confidence finds
+    more of the bad masks (IoU < 0.5) among the lowest-scored 10% on the photos (21% against 18%),
+    as many on the others, and ranks every set as well or better (Spearman); the teacher's or the
+    flipped crop's agreement, the mask's holes, pieces or mass on the box's edge or
     outside it, and the refinement in place of the network's confidence each lost on some set."""
     rows = (prob.amax(2) - box_mask.amax(2)).abs().mean(1)
     cols = (prob.amax(1) - box_mask.amax(1)).abs().mean(1)
