@@ -334,10 +334,24 @@ class ChunkResults:
         self.f.close()
 
 
+# The summary line names this many distinct unlabeled reasons; the report lists them all.
+NAMED_UNLABELED = 3
+
+
+def unlabeled_name(ann_id, reason):
+    """One unlabeled box's reason as the summary line names it: an image's failure ("<path>: why") by
+    the image's file name, shared by all its boxes; a box's own problem by the box's id."""
+    head, _, why = reason.partition(": ")
+    return f"{os.path.basename(head)}: {why}" if why and os.sep in head else f"box {ann_id}: {reason}"
+
+
 def write_outputs(args, index, kept, labelable, results):
-    """OUT, OUT.review.json and OUT.report.json, each written entry by entry; returns the report's summary."""
+    """OUT, OUT.review.json and OUT.report.json, each written entry by entry; returns the report's summary
+    and the first NAMED_UNLABELED distinct unlabeled reasons (unlabeled_name) with their box counts
+    ({name: count}, in output order; one more key, None, when there are further reasons)."""
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     given, empty, n_unlabeled = collections.Counter(), array.array("q"), 0
+    named = {}
     scored = {k: array.array(t) for k, t in (("id", "q"), ("image_id", "q"), ("mask_score", "d"))}
     with util.atomic_file(args.out, "w") as f, tempfile.TemporaryFile("w+", dir=args.out + ".parts") as spool:
         for a, r in coco.write_labels(f, index, np.flatnonzero(kept), results.get, args.unlabeled_as):
@@ -347,6 +361,11 @@ def write_outputs(args, index, kept, labelable, results):
                     u["mask"] = ("none: image size unknown" if "segmentation" not in a
                                  else "filled box" if a["area"] else "empty")
                     given[u["mask"]] += 1
+                name = unlabeled_name(a["id"], r["reason"])
+                if name in named or len(named) < NAMED_UNLABELED:
+                    named[name] = named.get(name, 0) + 1
+                else:
+                    named[None] = 0
                 spool.write(("," if n_unlabeled else "") + dumps(u))
                 n_unlabeled += 1
             elif a.get("area") == 0 and "segmentation" in a:
@@ -374,7 +393,7 @@ def write_outputs(args, index, kept, labelable, results):
             g.write(("[" if n == 0 else ",") + dumps({"id": int(ids[i]), "image_id": int(image_ids[i]),
                                                       "mask_score": float(scores[i])}))
         g.write("]" if len(ids) else "[]")
-    return summary
+    return summary, named
 
 
 def write_extras(args, d, ck, index):
@@ -401,15 +420,17 @@ def write_extras(args, d, ck, index):
                            vis_dir=args.vis_dir, review_n=args.review, prog="label.py")
 
 
-def summary_line(args, s, t0):
-    """The last line of the output: what was written, and the unlabeled count (s: the report's summary).
-    Labelable: the boxes that passed the box checks (the progress lines' total); those whose image then
-    failed are unlabeled too."""
+def summary_line(args, s, named, t0):
+    """The last line of the output: what was written, and the unlabeled count with the first reasons
+    (s, named: write_outputs'). Labelable: the boxes that passed the box checks (the progress lines'
+    total); those whose image then failed are unlabeled too."""
     given = s.get("unlabeled_masks", {})
+    unlabeled = ([f"masks: {', '.join(f'{c} {k}' for k, c in given.items())}"] if given else []) + [
+        "..." if k is None else k + (f" ({c} boxes)" if c > 1 else "") for k, c in named.items()]
     return (f"label.py: wrote {args.out}: {s['boxes']} boxes ({s['labelable']} labelable): "
             f"{s['labeled']} labeled ({s['empty_masks']} empty masks), {s['unlabeled']} unlabeled"
-            + (f" (masks: {', '.join(f'{c} {k}' for k, c in given.items())})" if given else "")
-            + (f", reasons in {util.side_file(args.out, '.report.json')}" if s["unlabeled"] else "")
+            + (f" ({'; '.join(unlabeled)}; all reasons in {util.side_file(args.out, '.report.json')})"
+               if s["unlabeled"] else "")
             + (f"; {s['filtered_by_score']} below --score-thr dropped" if s["filtered_by_score"] else "")
             + f"; {time.time() - t0:.1f}s"
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
@@ -427,12 +448,12 @@ def run(args, d, ck, settings, t0, stop):
     if d.rank != 0:
         return 0
     with ChunkResults(index, labelable, n_chunks, parts) as results:
-        summary = write_outputs(args, index, kept, labelable, results)
+        summary, named = write_outputs(args, index, kept, labelable, results)
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
         write_extras(args, d, ck, index)
-    print(summary_line(args, summary, t0), file=sys.stderr, flush=True)
+    print(summary_line(args, summary, named, t0), file=sys.stderr, flush=True)
     return summary["unlabeled"]
 
 

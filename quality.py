@@ -256,11 +256,22 @@ def _sml(ev, prefix=""):
             f"({' / '.join(_f(ev.get(f'{prefix}miou_{b}')) for b in ('small', 'medium', 'large'))})")
 
 
+def score_catch(ev):
+    """How well mask_score finds the bad masks (evaluation.score_ranking): the share of those with IoU
+    < 0.5 among the lowest-scored 10% of the masks, of how many, and the score's Spearman with IoU."""
+    if ev.get("score_n_bad") is None:
+        return "-"
+    low = ev.get("score_bad_in_low10")
+    return (f"{'-' if low is None else f'{100 * low:.0f}%'} of {ev['score_n_bad']} "
+            f"({_f(ev.get('score_spearman'), 2)})")
+
+
 def table(results, recipes):
     """Markdown: a row per set and recipe, the baselines and the upper bound beside it."""
     lines = ["| set | boxes (S / M / L) | recipe | MAL mIoU (S / M / L) | mask AP | filled box | ellipse "
-             "| upper bound (GT masks) | MAL / upper | minutes (train + label) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| upper bound (GT masks) | MAL / upper | bad masks in the lowest-scored 10% (Spearman) "
+             "| minutes (train + label) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for set_name, res in results.items():
         upper = res.get("upper")
         for recipe in recipes:
@@ -268,7 +279,7 @@ def table(results, recipes):
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {set_name} | | {recipe} | {r['error']} | | | | | | |")
+                lines.append(f"| {set_name} | | {recipe} | {r['error']} | | | | | | | |")
                 continue
             ev = r["eval"]
             boxes = " / ".join(str(ev.get(f"n_{b}", 0)) for b in ("small", "medium", "large"))
@@ -278,7 +289,7 @@ def table(results, recipes):
                     else "reused")
             lines.append(f"| {set_name} | {boxes} | {recipe} | {_sml(ev)} | {_f(ev.get('ap'))} "
                          f"| {_f(ev.get('box_miou'))} | {_f(ev.get('ellipse_miou'))} "
-                         f"| {_sml(upper['eval']) if ub else '-'} | {ratio} | {mins} |")
+                         f"| {_sml(upper['eval']) if ub else '-'} | {ratio} | {score_catch(ev)} | {mins} |")
     return "\n".join(lines)
 
 

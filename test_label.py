@@ -225,9 +225,12 @@ def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_p
     err = capsys.readouterr().err.splitlines()
     assert [x for x in err if x.startswith("label: ")][-1].startswith("label: images 9/9 boxes 16/16 "
                                                                       "(14 labeled) ")
+    # the first reasons by name: an image's by its file name, a box's by its id; then where all of them are
     assert err[-1].startswith(f"label.py: wrote {out}: 18 boxes (16 labelable): 14 labeled (0 empty masks), "
-                              f"4 unlabeled (masks: 2 filled box, 1 empty, 1 none: image size unknown), "
-                              f"reasons in ")
+                              f"4 unlabeled (masks: 2 filled box, 1 empty, 1 none: image size unknown; "
+                              f"missing.png: file not found; corrupt.png: not a readable image (")
+    assert (f"; box 102: zero/negative size 0x10 (degenerate box [5.0, 5.0, 0.0, 10.0]); ...; all reasons in "
+            f"{tmp_path / 's.report.json'}); ") in err[-1]
     assert err[-1].endswith("; --strict: exit status 3")
     rep = json.loads((tmp_path / "s.report.json").read_text())
     assert {k: rep["summary"][k] for k in ("boxes", "labelable", "labeled", "unlabeled")} == dict(
@@ -240,6 +243,16 @@ def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_p
     label.main(argv[:-1])  # the same without --strict: exit status 0
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"label.py: wrote {out}: 18 boxes (16 labelable)") and "exit status" not in last
+
+
+def test_unlabeled_reasons_are_named_by_image_file_or_box():
+    """The summary line's names: one per failed image (its boxes share it), one per box with a problem."""
+    path = os.path.join("data", "imgs", "a.jpg")
+    missing = f"{path}: file not found"
+    assert label.unlabeled_name(7, missing) == label.unlabeled_name(8, missing) == "a.jpg: file not found"
+    assert label.unlabeled_name(7, f"{path}: size 3x4: wrong") == "a.jpg: size 3x4: wrong"
+    assert label.unlabeled_name(9, "image_id 4 not in images") == "box 9: image_id 4 not in images"
+    assert label.unlabeled_name(9, "zero/negative size 0x1") == "box 9: zero/negative size 0x1"
 
 
 def test_results_list_with_score_threshold(world, tmp_path):

@@ -69,6 +69,26 @@ class Half(Oracle):
         return y
 
 
+def test_mask_score_is_lower_for_a_neighbour_and_for_a_hesitant_refinement():
+    """A mask on the neighbour that the box cuts scores below the object's own; the CRF-refined
+    probabilities' confidence multiplies the score, and without a refinement the score is the
+    network's alone."""
+    box = torch.zeros(1, 20, 20)
+    box[:, 4:16, 4:16] = 1
+    right = box.clone()
+    right[..., 4:16, 4:6] = 0.02  # the object is a little narrower than its box: consistency still 1 − 2/20/2
+    neighbour = torch.zeros(1, 20, 20)
+    neighbour[..., 6:18, 11:20] = 1  # the next object over, cut by the box's right edge
+    s = predictor.mask_score(torch.cat([right, neighbour]), box.expand(2, -1, -1)).tolist()
+    assert s[0] > s[1] + 0.2
+    sure, unsure = box.clone(), box.clone()
+    unsure[..., 4:16, 10:16] = 0.6  # the refinement hesitates over half the box: confidence 1 − 0.8 / 2
+    plain = predictor.mask_score(box, box)
+    refined = predictor.mask_score(box.expand(2, -1, -1), box.expand(2, -1, -1), torch.cat([sure, unsure]),
+                                   box.expand(2, -1, -1))
+    assert plain.tolist() == [1] and refined.tolist() == pytest.approx([1, 1 - 0.8 / 2])
+
+
 def test_mask_score_is_deterministic(world):
     """The same scores on a rerun and with other batch sizes (batches differ across ranks and resumes)."""
     net = predictor.build_nets(predictor.load_checkpoint(str(world / "tiny.pt")), "task", "cpu")

@@ -126,11 +126,22 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     assert all(res["eval"][k] == pytest.approx(ref[k]) for k in ("miou", "ellipse_miou", "box_miou", "n"))
     assert f"| {ref['miou']:.3f} (" in row[0] and f"| {ref['ellipse_miou']:.3f} |" in row[0]
     assert res["minutes"]["train"] > 0
+    # how well mask_score finds the bad masks: in the JSON, and in the table's row
+    ev = res["eval"]
+    assert ev["score_n"] == ref["score_n"] and ev["score_n_bad"] == ref["score_n_bad"]
+    assert f"| {quality.score_catch(ev)} |" in row[0] and f"of {ev['score_n_bad']} (" in row[0]
     assert "--steps" in res["commands"]["train"] and r["recipes"]["small"][0] == "--demo"
     log = os.path.join(tmp_path, "runs", "tiny", "small", "train.log")
     mtime = os.path.getmtime(log)
     quality.main(argv)  # the finished run is reused
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
+
+
+def test_score_catch_is_the_bad_masks_share_in_the_lowest_tenth():
+    ev = {"score_n": 423, "score_n_bad": 89, "score_bad_in_low10": 16 / 89, "score_spearman": 0.2758}
+    assert quality.score_catch(ev) == "18% of 89 (0.28)"
+    assert quality.score_catch(dict(ev, score_n_bad=0, score_bad_in_low10=None)) == "- of 0 (0.28)"
+    assert quality.score_catch({"miou": 0.5}) == "-"  # unscored labels
 
 
 def test_the_paper_recipe_is_train_py_s_losses_at_the_demo_s_scale():
