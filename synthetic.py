@@ -1,9 +1,10 @@
-"""Synthetic COCO-format sets with GT masks: the embedded demo, a harder textured set, and
+"""Synthetic COCO-format sets with GT masks: the embedded demo, a harder textured set, a cluttered one, and
 COCO-sized images for throughput benchmarks. Deterministic: image i of a split depends only on
 (seed, split, i); each set is made once under its folder and reused while complete.
 
   python synthetic.py demo --out DIR          # the demo set (train.py and label.py make it themselves)
   python synthetic.py textured --out DIR      # soft edges, low contrast, grey images, thin parts, holes
+  python synthetic.py clutter --out DIR       # touching objects, distractors, shading, objects at the edge
   python synthetic.py coco-like --out DIR     # 640x480 images with ~7 boxes each, for bench.py
 """
 import argparse
@@ -387,6 +388,97 @@ def make_textured(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
+# The clutter set: what makes a box a weak cue in photos. Objects in groups that touch and overlap
+# (a box holds parts of its neighbours), cluttered textured backgrounds strewn with distractor
+# shapes in the objects' own colours (unlabelled, inside and outside the boxes), shading across each
+# object, non-convex shapes (C, L, rings, stars, crescents), and sizes from tiny to half the image,
+# small ones also at the image's edge, cut by it.
+
+CLUTTER_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "star"}, {"id": 3, "name": "ring"},
+                      {"id": 4, "name": "crescent"}, {"id": 5, "name": "ell"}, {"id": 6, "name": "C"}]
+_CLUTTER_VERSION = 1
+
+
+def _clutter_shape(rng, kind, cx, cy, r, W, H):
+    """The bool mask [H,W] of one object: the demo's shapes, and a C (a thick arc, open on one side)."""
+    if kind != "C":
+        return _shape_mask(rng, kind, cx, cy, r, W, H)
+    gap, width, ang = rng.uniform(0.5, 1.4), rng.uniform(0.3, 0.55), rng.uniform(0, 2 * np.pi)
+    phi = ang + np.linspace(gap / 2, 2 * np.pi - gap / 2, 48)
+    outer = np.stack([np.cos(phi), np.sin(phi)], 1) * r
+    inner = outer[::-1] * (1 - width)
+    aspect = rng.uniform(0.7, 1.0)
+    canvas = Image.new("L", (W, H), 0)
+    pts = np.concatenate([outer, inner]) * np.array([1.0, aspect]) + np.array([cx, cy])
+    ImageDraw.Draw(canvas).polygon([tuple(q) for q in pts.round(2).tolist()], fill=1)
+    return np.asarray(canvas) > 0
+
+
+def _shaded(rng, colour, m, W, H):
+    """The object's colour lit from one side across its own extent (darker by up to half on the far
+    side), with fine noise: float [n,3] at the pixels of m."""
+    ys, xs = np.nonzero(m)
+    a = rng.uniform(0, 2 * np.pi)
+    t = (xs - xs.mean()) * np.cos(a) + (ys - ys.mean()) * np.sin(a)
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+    light = 1 - rng.uniform(0.2, 0.5) * t
+    return colour * light[:, None] + rng.normal(0, 4, size=(len(xs), 3))
+
+
+def _render_clutter(rng, W, H):
+    """One clutter-set image and the visible masks of its objects."""
+    names = [c["name"] for c in CLUTTER_CATEGORIES]
+    side = min(W, H)
+    img = _textured_background(rng, W, H)
+    palette = [_random_colour(rng) for _ in range(int(rng.integers(2, 4)))]  # objects' and distractors'
+    for _ in range(int(rng.integers(6, 15))):  # distractors: unlabelled shapes in the objects' colours
+        r = np.exp(rng.uniform(np.log(0.03 * side), np.log(0.2 * side)))
+        kind, cx, cy = names[int(rng.integers(len(names)))], rng.uniform(0, W), rng.uniform(0, H)
+        m = _clutter_shape(rng, kind, cx, cy, r, W, H)
+        if m.any():
+            img[m] = _shaded(rng, palette[int(rng.integers(len(palette)))], m, W, H)
+    n = int(rng.integers(4, 10))
+    radii = np.exp(rng.uniform(np.log(0.03 * side), np.log(0.3 * side), size=n))
+    if rng.random() < 0.4:
+        radii[0] = rng.uniform(0.35, 0.5) * side
+    objects, centres = [], []  # [category_id, full mask, visible mask], larger ones drawn first
+    for r in np.sort(radii)[::-1]:
+        where = rng.random()
+        if centres and where < 0.55:  # beside an earlier object, touching or overlapping it
+            (px, py, pr) = centres[int(rng.integers(len(centres)))]
+            d, a = rng.uniform(0.5, 1.1) * (pr + r), rng.uniform(0, 2 * np.pi)
+            cx, cy = px + d * np.cos(a), py + d * np.sin(a)
+        elif r < 0.1 * side and where < 0.8:  # a small one at the edge, perhaps cut by it
+            cx, cy = rng.uniform(0, W), rng.uniform(0, H)
+            edge = int(rng.integers(4))
+            off = rng.uniform(-0.3, 1.0) * r
+            cx, cy = ((off, cy), (W - off, cy), (cx, off), (cx, H - off))[edge]
+        else:
+            cx, cy = rng.uniform(0.05 * W, 0.95 * W), rng.uniform(0.05 * H, 0.95 * H)
+        cat = int(rng.integers(len(names)))
+        m = _clutter_shape(rng, names[cat], cx, cy, r, W, H)
+        if not m.any():
+            continue
+        img[m] = _shaded(rng, palette[int(rng.integers(len(palette)))], m, W, H)
+        for o in objects:
+            o[2] &= ~m
+        objects.append([CLUTTER_CATEGORIES[cat]["id"], m, m.copy()])
+        centres.append((cx, cy, r))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), _kept(objects)
+
+
+def make_clutter(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
+    """The clutter set under root (cached): dict(train_json, train_images, val_json, val_images)."""
+    (W, H), seed = (int(v) for v in image_size), int(seed)
+    params = dict(kind="clutter", version=_CLUTTER_VERSION, n_train=int(n_train), n_val=int(n_val),
+                  image_size=[W, H], seed=seed)
+    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
+    render = lambda rng: _render_clutter(rng, W, H)  # noqa: E731
+    return cached_set(root, params, lambda r: _build_splits(r, splits, render, seed, "clutter",
+                                                            CLUTTER_CATEGORIES, _CLUTTER_VERSION))
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -396,7 +488,9 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, what in (("demo", "the demo set: flat-coloured shapes"),
                        ("textured", "textured backgrounds, soft edges, low contrast, "
-                                    "grey images, thin parts, holes")):
+                                    "grey images, thin parts, holes"),
+                      ("clutter", "touching and overlapping objects, cluttered backgrounds with "
+                                  "distractors of the objects' colours, shading, objects at the edge")):
         s = sub.add_parser(name, help=what, formatter_class=options.HelpFormatter)
         s.add_argument("--out", required=True, help="output folder (reused when already complete)")
         s.add_argument("--n-train", type=int, default=240, help="number of training images")
@@ -412,7 +506,7 @@ def main(argv=None):
     if args.cmd == "coco-like":
         out = make_coco_like(args.out, args.n, seed=args.seed)
     else:
-        make = make_demo if args.cmd == "demo" else make_textured
+        make = dict(demo=make_demo, textured=make_textured, clutter=make_clutter)[args.cmd]
         out = make(args.out, args.n_train, args.n_val, tuple(args.size), args.seed)
     for k, v in out.items():
         print(f"{k}: {v}")

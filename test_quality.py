@@ -1,4 +1,4 @@
-"""The quality benchmark: the real nuclei set's cutting, its helpers, and the benchmark's own loop; and
+"""The quality benchmark: the real nuclei sets' cutting, their helpers, and the benchmark's own loop; and
 the quality guard: MAL, trained briefly, beats the inscribed ellipse on shapes an ellipse cannot fit."""
 import importlib.util
 import json
@@ -87,6 +87,59 @@ def test_nuclei_set_from_the_wheel(tmp_path):
     p = quality.make_nuclei(tmp_path / "nuclei")
     coco = json.load(open(p["train_json"]))
     assert len(coco["images"]) == len(quality.NUCLEI_SLICES) == 12 and len(coco["annotations"]) == 192
+
+
+def test_fluo_nuclei_set_from_an_image_pair(tmp_path, capsys):
+    """The image is stretched once and cut into tiles; each label id in a tile is a nucleus with its
+    holes filled; what a cut leaves under min_area, and specks, are dropped; a bad pair is one line."""
+    H, W = 40, 60
+    labels = np.zeros((H, W), np.uint16)
+    labels[2:12, 2:12] = 4
+    labels[5:7, 5:7] = 0  # a hole in nucleus 4
+    labels[25:35, 14:26] = 8  # cut by the tiles' edge at x = 20: 60 px left of it, 60 right
+    labels[3:15, 37:41] = 2  # cut at x = 40: 36 px left, 12 px (a sliver) right
+    labels[30:32, 50:52] = 9  # 4 px: a speck
+    pixels = (np.arange(H * W).reshape(H, W) % 251 * 3).astype(np.uint16)
+    _stack(tmp_path / "img.tif", [pixels])
+    _stack(tmp_path / "lab.tif", [labels])
+    p = quality.make_fluo_nuclei(tmp_path / "set", tmp_path / "img.tif", tmp_path / "lab.tif", tile=20,
+                                 min_area=30)
+    coco = json.load(open(p["train_json"]))
+    assert [(im["file_name"], im["width"], im["height"]) for im in coco["images"]] == [
+        (f"tile_y{y:04d}_x{x:04d}.png", 20, 20) for y in (0, 20) for x in (0, 20, 40)]
+    masks = {(a["image_id"], a["area"]): mask_utils.decode(a["segmentation"]) for a in coco["annotations"]}
+    assert sorted(masks) == [(1, 100), (2, 36), (4, 60), (5, 60)]
+    assert masks[(1, 100)][2:12, 2:12].all()  # the hole is filled
+    assert [a["bbox"] for a in coco["annotations"] if a["image_id"] == 5] == [[0, 5, 6, 10]]
+    png = np.asarray(Image.open(os.path.join(p["train_images"], "tile_y0020_x0020.png")))
+    assert png.shape == (20, 20, 3) and (png == quality.stretch(pixels)[20:40, 20:40, None]).all()
+    capsys.readouterr()
+    assert quality.make_fluo_nuclei(tmp_path / "set", tmp_path / "img.tif", tmp_path / "lab.tif", tile=20,
+                                    min_area=30) == p
+    assert capsys.readouterr().err == ""  # cached
+    _stack(tmp_path / "small.tif", [labels[:20, :40]])
+    with pytest.raises(ValueError, match=r"img.tif, .*small.tif: a grey image and its label image of one "
+                                         r"size expected, got \(40, 60\) and \(20, 40\)"):
+        quality.make_fluo_nuclei(tmp_path / "set2", tmp_path / "img.tif", tmp_path / "small.tif", tile=20)
+    with pytest.raises(ValueError, match="img.tif: 60x40, smaller than one 64x64 tile"):
+        quality.make_fluo_nuclei(tmp_path / "set3", tmp_path / "img.tif", tmp_path / "lab.tif", tile=64)
+
+
+def test_fluo_nuclei_set_without_the_wheel_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="the fluo-nuclei set needs the stardist files: "
+                                         "pip install --no-deps stardist"):
+        quality.fluo_nuclei_files()
+    with pytest.raises(SystemExit, match="quality.py: the fluo-nuclei set needs"):
+        quality.main(["--sets", "fluo-nuclei", "--make-sets", "--root", "/nonexistent"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec(quality.FLUO_PACKAGE) is None,
+                    reason=f"stardist not installed: {quality.FLUO_INSTALL}")
+def test_fluo_nuclei_set_from_the_wheel(tmp_path):
+    p = quality.make_fluo_nuclei(tmp_path / "fluo")
+    coco = json.load(open(p["train_json"]))
+    assert len(coco["images"]) == 4 and len(coco["annotations"]) == 132
 
 
 def test_photo_set_is_read_in_place_and_its_absence_is_one_line(tiny_set, tmp_path, capsys):

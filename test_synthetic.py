@@ -116,3 +116,74 @@ def test_demo_deterministic_cached_and_content(tmp_path, capsys):
     assert np.mean(np.array(fill) < 0.5) > 0.2  # many clearly non-convex / holed shapes
     img = data.load_rgb(os.path.join(p1["train_images"], "000000.jpg"))
     assert img.size == (256, 192)
+
+
+def _grow(m, px=1):
+    for _ in range(px):
+        m = m | np.roll(m, 1, 0) | np.roll(m, -1, 0) | np.roll(m, 1, 1) | np.roll(m, -1, 1)
+    return m
+
+
+def test_clutter_set_deterministic_cached_and_split(tmp_path, capsys):
+    p1 = synthetic.make_clutter(tmp_path / "c1", n_train=6, n_val=3, seed=2)
+    assert capsys.readouterr().err.startswith(f"making the clutter set in {tmp_path / 'c1'}")
+    p2 = synthetic.make_clutter(tmp_path / "c2", n_train=6, n_val=3, seed=2)
+    for split, n in (("train", 6), ("val", 3)):
+        assert open(p1[f"{split}_json"], "rb").read() == open(p2[f"{split}_json"], "rb").read()
+        d1, d2 = p1[f"{split}_images"], p2[f"{split}_images"]
+        names = sorted(os.listdir(d1))
+        assert len(names) == n and all(open(os.path.join(d1, f), "rb").read() ==
+                                       open(os.path.join(d2, f), "rb").read() for f in names)
+    train, val = (json.load(open(p1[k])) for k in ("train_json", "val_json"))
+    assert train["annotations"][0]["segmentation"] != val["annotations"][0]["segmentation"]  # two draws
+    capsys.readouterr()
+    assert synthetic.make_clutter(tmp_path / "c1", n_train=6, n_val=3, seed=2) == p1
+    assert capsys.readouterr().err == ""  # cached: silent
+    other = json.load(open(synthetic.make_clutter(tmp_path / "c3", n_train=6, n_val=3, seed=3)["train_json"]))
+    assert other["annotations"] != train["annotations"]
+
+
+def test_clutter_objects_touch_overlap_and_reach_the_edge(tmp_path):
+    """Boxes hold parts of their neighbours (objects touch or overlap), shapes are non-convex, sizes
+    run from small to large, and some objects are cut by the image's edge."""
+    p = synthetic.make_clutter(tmp_path / "c", n_train=24, n_val=0, seed=0)
+    coco = json.load(open(p["train_json"]))
+    assert {c["name"] for c in coco["categories"]} >= {"C", "ell", "ring", "star"}
+    masks = _annotations_are_tight(coco)
+    by_image = {}
+    for a, m in zip(coco["annotations"], masks):
+        by_image.setdefault(a["image_id"], []).append(m)
+    touching = boxes_shared = 0
+    for ms in by_image.values():
+        for i, a in enumerate(ms):
+            touching += any((_grow(a) & b).any() for j, b in enumerate(ms) if j != i)
+            ys, xs = np.nonzero(a)
+            box = np.zeros_like(a)
+            box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+            boxes_shared += any((box & b).any() for j, b in enumerate(ms) if j != i)
+    n = len(masks)
+    assert n >= 100 and touching >= 0.5 * n and boxes_shared >= 0.5 * n  # the demo: about half touch
+    areas = np.array([m.sum() for m in masks])
+    assert (areas < 32 ** 2).mean() > 0.3 and (areas >= 32 ** 2).any()
+    fill = np.array([m.sum() / np.ptp(np.nonzero(m)[0] + 1) / np.ptp(np.nonzero(m)[1] + 1) for m in masks])
+    assert np.mean(fill < 0.5) > 0.2  # C, L, rings, stars
+    edge = sum(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() for m in masks)
+    assert edge >= 0.3 * n  # the demo: a quarter
+
+
+def test_clutter_distractors_share_the_objects_colours_outside_the_masks(tmp_path):
+    """Unlabelled shapes in an object's colour lie outside every mask: pixels near an object's
+    mean colour, far from all masks, are common."""
+    p = synthetic.make_clutter(tmp_path / "c", n_train=8, n_val=0, seed=1)
+    coco = json.load(open(p["train_json"]))
+    masks = _annotations_are_tight(coco)
+    found = 0
+    for im in coco["images"]:
+        pixels = np.asarray(data.load_rgb(os.path.join(p["train_images"], im["file_name"])), dtype=np.float64)
+        ms = [m for a, m in zip(coco["annotations"], masks) if a["image_id"] == im["id"]]
+        outside = ~_grow(np.any(ms, 0), 3)
+        for m in ms:
+            if m.sum() >= 100:
+                near = np.linalg.norm(pixels - pixels[m].mean(0), axis=2) < 25
+                found += (near & outside).sum() >= 0.2 * m.sum()
+    assert found >= 5
