@@ -134,6 +134,7 @@ def test_fluo_nuclei_set_without_the_wheel_says_how_to_install_it(monkeypatch):
         quality.main(["--sets", "fluo-nuclei", "--make-sets", "--root", "/nonexistent"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec(quality.FLUO_PACKAGE) is None,
                     reason=f"stardist not installed: {quality.FLUO_INSTALL}")
 def test_fluo_nuclei_set_from_the_wheel(tmp_path):
@@ -277,6 +278,7 @@ def shapes_eval(root):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # 14-19 s on 2 shared cores; CI's `pytest -rs` runs it
 def test_mal_beats_the_inscribed_ellipse_on_shapes_an_ellipse_cannot_fit(tmp_path):
     """The quality guard. Measured: mIoU 0.85 (the network's masks) / 0.93 (refined) against the
     ellipse's 0.46. Broken losses miss the margin, on the network's masks at least: the CRF loss's
