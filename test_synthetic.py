@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from pycocotools import mask as mask_utils
 
 import data
@@ -22,6 +23,7 @@ def _annotations_are_tight(coco):
     return masks
 
 
+@pytest.mark.slow  # makes the textured set four times: 12-14 s on 2 shared cores
 def test_textured_set_deterministic_cached_and_content(tmp_path, capsys):
     p1 = synthetic.make_textured(tmp_path / "t1", n_train=16, n_val=2, seed=3)
     assert capsys.readouterr().err.startswith(f"making the textured set in {tmp_path / 't1'}")
@@ -49,6 +51,7 @@ def test_textured_set_deterministic_cached_and_content(tmp_path, capsys):
     assert 2 <= sum(grey) <= 14
 
 
+@pytest.mark.slow  # 12 textured images, decoded and measured: ~12 s on 2 shared cores
 def test_textured_objects_are_low_contrast_and_soft_edged(tmp_path):
     """The objects differ from what lies around them by less than the demo's (> 110 in RGB), and
     their edges are blurred: pixels just outside a mask are pulled towards the object's colour."""
