@@ -752,7 +752,7 @@ def _sources(*paths):
     return out
 
 
-def _build(json_path, images_json, what, folder, results=True):
+def _build(json_path, images_json, what, folder, results=True, images_what="image entries JSON"):
     """Read the inputs piece by piece into a _Builder. A bad entry stops the building but not the
     reading: a file that is not JSON at all (cut short, say) is said to be that first."""
     holder = {}
@@ -761,7 +761,7 @@ def _build(json_path, images_json, what, folder, results=True):
         if "error" in holder:
             return
         try:
-            if "b" not in holder:  # the --json document: instances (a dict) or a results list
+            if "b" not in holder:  # the box document: instances (a dict) or a results list
                 holder["b"] = _Builder(json_path, what, "instances" if key is not None else "results", folder)
             b = holder["b"]
             b.item("images" if key is None and b.kind == "results" and b.path == images_json else key, value)
@@ -771,15 +771,16 @@ def _build(json_path, images_json, what, folder, results=True):
             holder["error"] = e
 
     try:
-        return _read_inputs(json_path, images_json, what, results, holder, on_item)
+        return _read_inputs(json_path, images_json, what, results, holder, on_item, images_what)
     except BaseException:
         if "b" in holder:
             holder["b"].close()
         raise
 
 
-def _read_inputs(json_path, images_json, what, results, holder, on_item):
-    """_build's reading of --json (and --images-json) and its checks of what was read."""
+def _read_inputs(json_path, images_json, what, results, holder, on_item, images_what):
+    """_build's reading of the box document (and the image entries' JSON) and its checks of what was
+    read; what and images_what name them in errors."""
     kind = _read_document(json_path, what, on_item)
     if kind not in (dict, list):
         raise util.InputError(f"{what} {json_path}: holds a {kind.__name__}, neither a COCO instances JSON "
@@ -794,14 +795,14 @@ def _read_inputs(json_path, images_json, what, results, holder, on_item):
                               f"'images' and 'annotations')")
     if b.kind == "results":
         if not images_json:
-            raise util.InputError(f"{json_path} is a COCO results list; pass --images-json with the "
-                                  f"image entries")
-        b.path, b.what = images_json, "--images-json"  # a bare list in it is the image entries
-        _read_document(images_json, "--images-json", on_item)
+            raise util.InputError(f"{what} {json_path} is a COCO results list; its image entries are "
+                                  f"needed too ({images_what})")
+        b.path, b.what = images_json, images_what  # a bare list in it is the image entries
+        _read_document(images_json, images_what, on_item)
         if "error" in holder:
             raise holder["error"]
         if "images" not in b.seen:
-            raise util.InputError(f"--images-json {images_json}: no 'images' key")
+            raise util.InputError(f"{images_what} {images_json}: no 'images' key")
         b.path = json_path
     else:
         for k in ("images", "annotations"):
@@ -811,13 +812,14 @@ def _read_inputs(json_path, images_json, what, results, holder, on_item):
     return b
 
 
-def box_index(json_path, images_json=None, what="--json", results=True):
+def box_index(json_path, images_json=None, what="box JSON", results=True, images_what="image entries JSON"):
     """The BoxIndex of a COCO instances JSON, or of a COCO results list with its image entries in
     images_json: read from the cache (beside the JSON, see _cache_paths) when it was made from these
     files as they are now (size and mtime), else built by reading them once, piece by piece, and
     cached. A cache that is unreadable or cut short is rebuilt. Every problem with the input is an
-    InputError naming the file and what is wrong; so is a results list where results=False."""
-    for p, flag in ((json_path, what), (images_json, "--images-json")):
+    InputError naming the file (by `what` and `images_what`, which a command sets to its flags) and
+    what is wrong; so is a results list where results=False."""
+    for p, flag in ((json_path, what), (images_json, images_what)):
         if p and not os.path.exists(p):
             raise util.InputError(f"{flag} {p}: no such file")
         if p and os.path.isdir(p):
@@ -838,7 +840,7 @@ def box_index(json_path, images_json=None, what="--json", results=True):
     else:
         raise util.InputError(f"{json_path}: its box index can be written neither beside it nor in "
                               f"{os.path.dirname(paths[-1])} (set MAL_CACHE_DIR)")
-    b = _build(json_path, images_json, what, os.path.dirname(p), results)
+    b = _build(json_path, images_json, what, os.path.dirname(p), results, images_what)
     try:
         _write_index(p, b, sources)
     finally:

@@ -247,9 +247,9 @@ def select_boxes(args, d):
     (those --score-thr keeps), those among them that can be labeled, and the image rows that have
     some, by image id: the chunks are blocks of these."""
     if d.rank == 0:
-        coco.box_index(args.json, args.images_json)
+        coco.box_index(args.json, args.images_json, what="--json", images_what="--images-json")
     util.barrier(d)
-    index = coco.box_index(args.json, args.images_json)
+    index = coco.box_index(args.json, args.images_json, what="--json", images_what="--images-json")
     kept = np.ones(len(index), dtype=bool)
     if args.score_thr is not None:  # only boxes that carry a score are filtered
         kept = np.isnan(index.ann_score) | (index.ann_score >= args.score_thr)

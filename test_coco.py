@@ -224,7 +224,8 @@ def test_box_index_bad_input_is_one_line_naming_the_file_and_place(tmp_path):
              ('{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1}, {"id": 1, "image_id": 1}]}',
               "annotation ids are not unique"),
              ('{"annotations": []}', "no 'images' key"), ('7', "holds a int, neither"),
-             ('[{"image_id": 1, "bbox": [1, 1, 2, 2]}]', "is a COCO results list; pass --images-json"),
+             ('[{"image_id": 1, "bbox": [1, 1, 2, 2]}]',
+              "is a COCO results list; its image entries are needed too"),
              ('{"images": {}, "annotations": []}', "'images' is not a list")]
     for text, msg in cases:
         (tmp_path / "e.json").write_text(text)
@@ -238,7 +239,7 @@ def test_box_index_bad_input_is_one_line_naming_the_file_and_place(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(util.InputError, match=r"bin.json: not JSON \(not even text\)$"):
         coco.box_index(str(tmp_path / "bin.json"))
-    with pytest.raises(util.InputError, match=r"^--json .*nothing.json: no such file$"):
+    with pytest.raises(util.InputError, match=r"^box JSON .*nothing.json: no such file$"):
         coco.box_index(str(tmp_path / "nothing.json"))
 
 
