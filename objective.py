@@ -78,8 +78,19 @@ def crf_labels(avg, image, box_mask, cfg):
     if f is not None:
         flooded = mean_field_labels(avg, image, box_mask, f.size, tau=f.tau, iters=f.iters, zeta=f.zeta,
                                     omega=f.omega)
-        labels = labels & ~opening(labels & ~flooded, f.open_radius)
+        kept = labels & ~opening(labels & ~flooded, f.open_radius)
+        if f.keep_bags:
+            kept = torch.where(empties_a_bag(labels, kept, box_mask)[:, None, None], labels, kept)
+        labels = kept
     return labels
+
+
+def empties_a_bag(before, after, box_mask):
+    """Per crop: does `after` leave empty a MIL bag (a row or column crossing the box, Eq. 2) that
+    `before` fills? (bool [B]; masks [B,H,W])"""
+    box = box_mask > 0.5
+    rows, cols = box.any(2), box.any(1)
+    return ((rows & before.any(2) & ~after.any(2)).any(1) | (cols & before.any(1) & ~after.any(1)).any(1))
 
 
 def loss(logits, teacher_logits, image, box_mask, step, cfg):

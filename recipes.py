@@ -28,13 +28,18 @@ class Flood:
     limbs), and regions closed off by colour edges follow the network. It takes ~L² iterations to
     reach L pixels deep, hence the low resolution `size`. Where edges are soft or the object is
     textured it also eats into the object from its rim, in thin bands: the CRF loss takes from it only
-    the regions at least 2·open_radius + 1 pixels across (objective.opening)."""
+    the regions at least 2·open_radius + 1 pixels across (objective.opening). Where edges are soft all
+    round (a nucleus fading into a dark background) the band is thick and the flood shrinks the object
+    towards its core, emptying the rows and columns at the box's sides: with keep_bags a crop whose
+    flood leaves a MIL bag empty that the paper's labels fill keeps the paper's labels (the box says
+    the object crosses every one of them, §3.3)."""
     iters: int = 1000
     zeta: float = 0.3
     omega: float = 0.25
     tau: float = 1e-4
     size: int = 24
     open_radius: int = 2
+    keep_bags: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,8 @@ class LossConfig:
                     default = {f.name: f.default for f in dataclasses.fields(Flood)}
                     if name not in default:
                         raise KeyError(name)
-                    flood[name] = type(default[name])(value)
+                    flood[name] = (_switch(value, True) or False if isinstance(default[name], bool)
+                                   else type(default[name])(value))
                 elif key in fields and key != "flood":
                     out[key] = None if value == "none" else _number(fields[key].type, value)
                 else:
@@ -99,6 +105,10 @@ def _switch(value, on):
     if value not in ("on", "off"):
         raise ValueError("on or off")
     return on if value == "on" else None
+
+
+def _text(value):
+    return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 def _number(kind, value):
@@ -150,7 +160,7 @@ def recipe_items(settings):
         base = LossConfig()
         items += [f"{k}={getattr(loss, k)}" for k in LOSS_KEYS if getattr(loss, k) != getattr(base, k)]
         if loss.flood is not None:
-            items += ["flood=on"] + [f"flood.{f.name}={getattr(loss.flood, f.name)}"
+            items += ["flood=on"] + [f"flood.{f.name}={_text(getattr(loss.flood, f.name))}"
                                      for f in dataclasses.fields(Flood)
                                      if getattr(loss.flood, f.name) != getattr(Flood(), f.name)]
     return items
@@ -256,8 +266,8 @@ def checkpoint_settings(ck):
 
 def loss_config(d):
     """A LossConfig from its dict in a checkpoint's args (dataclasses.asdict)."""
-    flood = d.get("flood")
-    return LossConfig(**{**d, "flood": Flood(**flood) if flood else None})
+    flood = d.get("flood")  # a flood saved before keep_bags existed ran without it
+    return LossConfig(**{**d, "flood": Flood(**{"keep_bags": False, **flood}) if flood else None})
 
 
 # The export formats label.py and export.py write besides COCO RLE.
