@@ -1,5 +1,6 @@
 """objective.py: what the training objective adds to the paper's, each reducing to the paper at its
-paper value; the flood on a C-shaped object whose concavity the paper's CRF keeps filled."""
+paper value; the flood on a C-shaped object whose concavity the paper's CRF keeps filled, and on a
+soft-edged nucleus it would shrink."""
 import dataclasses
 import re
 
@@ -101,6 +102,49 @@ def test_the_flood_takes_the_thick_pieces_of_what_it_floods():
     assert with_flood > 0.1 > mal.crf_loss(prob, prob, image, box)
 
 
+def _soft_nucleus_case(S=48):
+    """A nucleus fading into a dark background (brightness a Gaussian of σ 10 px), drawn as the disc of
+    radius 17 px, which is also the network's mask. Returns image, prob, box, the disc."""
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    r2 = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2).float()
+    disc = r2 < 17 ** 2
+    image = (2.5 * torch.exp(-r2 / 200))[None, None].expand(1, 3, S, S).clone()
+    ys, xs = torch.nonzero(disc, as_tuple=True)
+    box = torch.zeros(1, S, S)
+    box[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1] = 1
+    return image, torch.where(disc, 0.9, 0.1)[None], box, disc
+
+
+def test_the_flood_keeps_the_mil_bags():
+    """Around a soft-edged nucleus the flood eats a thick band and leaves the rows and columns at the
+    box's sides empty; with keep_bags (the default) such a crop keeps the paper's labels, while the C's
+    pocket, which empties no bag, is still taken."""
+    image, prob, box, disc = _soft_nucleus_case()
+    cfg = recipes.LossConfig(loss_size=48, flood=recipes.Flood())
+    paper = objective.crf_labels(prob, image, box, cfg.paper())
+    eaten = objective.crf_labels(prob, image, box, dataclasses.replace(cfg, flood=recipes.Flood(keep_bags=False)))
+    assert torch.equal(paper[0], disc) and eaten.sum() < 0.5 * disc.sum()
+    assert objective.empties_a_bag(paper, eaten, box).tolist() == [True]
+    assert torch.equal(objective.crf_labels(prob, image, box, cfg), paper)
+    image, prob, box, c, pocket = _c_shape_case()
+    kept = objective.crf_labels(prob, image, box, dataclasses.replace(cfg, loss_size=32, flood=recipes.Flood(size=32)))
+    assert kept[0][c].all() and not kept[0][pocket & objective.opening(pocket[None], 2)[0]].any()
+
+
+def test_empties_a_bag():
+    """A bag is a row or column crossing the box; it counts only where `before` fills it."""
+    box = torch.zeros(2, 8, 8)
+    box[:, 2:6, 1:7] = 1
+    before = box > 0
+    before[1, 5] = False  # crop 1: row 5 is empty already
+    after = before.clone()
+    after[:, 5, :] = False  # empties row 5
+    after[:, 0, 0] = True  # a pixel outside the box fills no bag
+    assert objective.empties_a_bag(before, after, box).tolist() == [True, False]
+    after[:, 2:6, 6] = False  # and column 6, in both
+    assert objective.empties_a_bag(before, after, box).tolist() == [True, True]
+
+
 def test_the_flood_composition(monkeypatch):
     """labels = paper & ~opening(paper & ~flooded): a thin band the flood eats along the rim stays
     labeled, a thick piece it takes goes, and nothing the paper's labels lack comes in."""
@@ -123,11 +167,12 @@ def test_recipe_items_set_the_loss_and_the_run():
     loss, run = recipes.read_recipe(["tau=0.3", "crf_size=24", "flood.iters=50", "theta=1.0",
                                      "keep_epochs=1"], recipes.LossConfig(), recipes.RUN_SETTINGS)
     assert (loss.tau, loss.crf_size, loss.flood) == (0.3, 24, recipes.Flood(iters=50))
+    assert recipes.read_recipe(["flood.keep_bags=off"], loss, {})[0].flood == recipes.Flood(iters=50, keep_bags=False)
     assert run["theta"] == 1.0 and run["keep_epochs"] is True and run["weight_decay"] == 0.05
     assert recipes.read_recipe(["flood=off", "crf_size=none"], recipes.DEMO["loss"], {})[0].flood is None
     for bad, why in (("tua=0.3", "tua=0.3: unknown setting (known: theta"), ("tau", "tau: not KEY=VALUE"),
                      ("tau=x", "tau=x: could not convert"), ("theta=x", "theta=x: theta takes a float"),
-                     ("flood=yes", "flood=yes: on or off")):
+                     ("flood=yes", "flood=yes: on or off"), ("flood.keep_bags=1", "flood.keep_bags=1: on or off")):
         with pytest.raises(ValueError, match="^" + re.escape(why)):
             recipes.read_recipe([bad], recipes.LossConfig(), recipes.RUN_SETTINGS)
     # recipe_items says a config as the items that give it
