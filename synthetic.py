@@ -1,10 +1,12 @@
-"""Synthetic COCO-format sets with GT masks: the embedded demo, a harder textured set, a cluttered one, and
-COCO-sized images for throughput benchmarks. Deterministic: image i of a split depends only on
-(seed, split, i); each set is made once under its folder and reused while complete.
+"""Synthetic COCO-format sets with GT masks: the embedded demo, a harder textured set, a cluttered one, one
+that glows as fluorescence does, and COCO-sized images for throughput benchmarks. Deterministic: image i
+of a split depends only on (seed, split, i); each set is made once under its folder and reused while
+complete.
 
   python synthetic.py demo --out DIR          # the demo set (train.py and label.py make it themselves)
   python synthetic.py textured --out DIR      # soft edges, low contrast, grey images, thin parts, holes
   python synthetic.py clutter --out DIR       # touching objects, distractors, shading, objects at the edge
+  python synthetic.py glow --out DIR          # soft-edged bright objects on dark, noisy backgrounds
   python synthetic.py coco-like --out DIR     # 640x480 images with ~7 boxes each, for bench.py
 """
 import argparse
@@ -479,6 +481,102 @@ def make_clutter(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
+# The glow set: what fluorescence microscopy shows. Bright objects on a dark, uneven, noisy
+# background, brightest inside and fading out through the optics' blur (σ 1-3.5 px), so that no
+# colour edge marks where the drawn outline lies; each object's brightness its own, some dimmer than
+# others' halos; cells in clusters that touch, some dividing (two lobes), some kidney-shaped; small
+# ones by the dozen. The mask is the drawn outline, under the blur.
+
+GLOW_CATEGORIES = [{"id": 1, "name": "cell"}, {"id": 2, "name": "dividing"}, {"id": 3, "name": "kidney"}]
+_GLOW_VERSION = 1
+
+
+def _cell(rng, cx, cy, r, W, H):
+    """A nucleus-like bool mask [H,W]: an ellipse (axes 1 : 0.6-1) with a gently wavy outline."""
+    phi = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    rad = r * (1 + sum(rng.uniform(0, 0.08) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)))
+    ang, aspect = rng.uniform(0, np.pi), rng.uniform(0.6, 1.0)
+    x, y = rad * np.cos(phi), aspect * rad * np.sin(phi)
+    pts = np.stack([cx + x * np.cos(ang) - y * np.sin(ang), cy + x * np.sin(ang) + y * np.cos(ang)], 1)
+    canvas = Image.new("L", (W, H), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(q) for q in pts.round(2).tolist()], fill=1)
+    return np.asarray(canvas) > 0
+
+
+def _glow_shape(rng, kind, cx, cy, r, W, H):
+    """The bool mask [H,W] of one object: a nucleus-like cell, two touching lobes (a dividing cell), or a
+    kidney (a cell with a bite out of one side)."""
+    a = rng.uniform(0, 2 * np.pi)
+    u = np.array([np.cos(a), np.sin(a)])
+    if kind == "dividing":
+        d = rng.uniform(0.55, 0.75) * r
+        return (_cell(rng, cx + d * u[0], cy + d * u[1], 0.65 * r, W, H)
+                | _cell(rng, cx - d * u[0], cy - d * u[1], 0.65 * r, W, H))
+    m = _cell(rng, cx, cy, r, W, H)
+    if kind == "kidney":
+        yy, xx = np.mgrid[0:H, 0:W]
+        bx, by = cx + 1.1 * r * u[0], cy + 1.1 * r * u[1]
+        m &= (xx - bx) ** 2 + (yy - by) ** 2 > (rng.uniform(0.5, 0.7) * r) ** 2
+    return m
+
+
+def _blur(a, sigma):
+    """A Gaussian blur of float [H,W] (edges extended), separable."""
+    k = np.exp(-0.5 * (np.arange(-int(3 * sigma + 1), int(3 * sigma + 1) + 1) / sigma) ** 2)
+    k /= k.sum()
+    for axis in (0, 1):
+        a = np.apply_along_axis(lambda v: np.convolve(np.pad(v, len(k) // 2, mode="edge"), k, "valid"), axis, a)
+    return a
+
+
+def _render_glow(rng, W, H):
+    """One glow-set image and the visible masks of its objects."""
+    names = [c["name"] for c in GLOW_CATEGORIES]
+    side = min(W, H)
+    light = np.zeros((H, W))
+    n = int(rng.integers(5, 16))
+    radii = np.exp(rng.uniform(np.log(0.025 * side), np.log(0.15 * side), size=n))
+    objects, centres = [], []
+    for r in np.sort(radii)[::-1]:
+        if centres and rng.random() < 0.4:  # in a cluster: touching an earlier one
+            px, py, pr = centres[int(rng.integers(len(centres)))]
+            d, a = rng.uniform(0.8, 1.05) * (pr + r), rng.uniform(0, 2 * np.pi)
+            cx, cy = px + d * np.cos(a), py + d * np.sin(a)
+        else:
+            cx, cy = rng.uniform(0, W), rng.uniform(0, H)
+        cat = int(rng.choice(len(names), p=[0.7, 0.15, 0.15]))
+        m = _glow_shape(rng, names[cat], cx, cy, r, W, H)
+        if not m.any():
+            continue
+        # Brightest at the centre, down to a fraction of it at the outline, with chromatin-like grain.
+        ys, xs = np.nonzero(m)
+        d2 = ((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2) / max(r, 1.0) ** 2
+        peak = rng.uniform(60, 230)
+        light[m] = peak * (1 - rng.uniform(0.3, 0.6) * np.clip(d2, 0, 1)) * (1 + 0.12 * rng.standard_normal(len(xs)))
+        for o in objects:
+            o[2] &= ~m
+        objects.append([GLOW_CATEGORIES[cat]["id"], m, m.copy()])
+        centres.append((cx, cy, r))
+    light = _blur(light, rng.uniform(1.0, 3.5))
+    background = rng.uniform(5, 35) + _octaves(rng, W, H, rng.uniform(3, 10), coarsest=2, n=3)[..., 0]
+    grey = background + light
+    grey = grey + np.sqrt(np.maximum(grey, 0)) * rng.uniform(0.3, 1.2) * rng.standard_normal((H, W))
+    tint = [np.ones(3), np.array([0.1, 1.0, 0.2]), np.array([1.0, 0.2, 1.0]), np.array([0.2, 0.5, 1.0])][
+        int(rng.integers(4))]  # grey, or a fluorophore's colour
+    return np.clip(np.round(grey[..., None] * tint), 0, 255).astype(np.uint8), _kept(objects)
+
+
+def make_glow(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
+    """The glow set under root (cached): dict(train_json, train_images, val_json, val_images)."""
+    (W, H), seed = (int(v) for v in image_size), int(seed)
+    params = dict(kind="glow", version=_GLOW_VERSION, n_train=int(n_train), n_val=int(n_val),
+                  image_size=[W, H], seed=seed)
+    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
+    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: _render_glow(g, W, H),
+                                                            seed, "glow", GLOW_CATEGORIES, _GLOW_VERSION))
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -490,7 +588,9 @@ def main(argv=None):
                        ("textured", "textured backgrounds, soft edges, low contrast, "
                                     "grey images, thin parts, holes"),
                       ("clutter", "touching and overlapping objects, cluttered backgrounds with "
-                                  "distractors of the objects' colours, shading, objects at the edge")):
+                                  "distractors of the objects' colours, shading, objects at the edge"),
+                      ("glow", "soft-edged bright objects on dark, noisy backgrounds, as fluorescence "
+                               "shows them")):
         s = sub.add_parser(name, help=what, formatter_class=options.HelpFormatter)
         s.add_argument("--out", required=True, help="output folder (reused when already complete)")
         s.add_argument("--n-train", type=int, default=240, help="number of training images")
@@ -506,7 +606,7 @@ def main(argv=None):
     if args.cmd == "coco-like":
         out = make_coco_like(args.out, args.n, seed=args.seed)
     else:
-        make = dict(demo=make_demo, textured=make_textured, clutter=make_clutter)[args.cmd]
+        make = dict(demo=make_demo, textured=make_textured, clutter=make_clutter, glow=make_glow)[args.cmd]
         out = make(args.out, args.n_train, args.n_val, tuple(args.size), args.seed)
     for k, v in out.items():
         print(f"{k}: {v}")

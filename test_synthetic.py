@@ -190,3 +190,29 @@ def test_clutter_distractors_share_the_objects_colours_outside_the_masks(tmp_pat
                 near = np.linalg.norm(pixels - pixels[m].mean(0), axis=2) < 25
                 found += (near & outside).sum() >= 0.2 * m.sum()
     assert found >= 5
+
+
+def test_glow_set_is_deterministic_and_glows(tmp_path):
+    """The same seed gives the same set; objects are bright on a dark background and fade out across
+    their outline (no colour edge marks it: the rim is dimmer than the inside, and a halo of light lies
+    outside it), and some touch a neighbour."""
+    p = synthetic.make_glow(tmp_path / "g1", n_train=6, n_val=1, seed=4)
+    again = synthetic.make_glow(tmp_path / "g2", n_train=6, n_val=1, seed=4)
+    assert open(p["train_json"], "rb").read() == open(again["train_json"], "rb").read()
+    coco = json.load(open(p["train_json"]))
+    masks = _annotations_are_tight(coco)
+    assert len(masks) >= 30
+    soft = touching = 0
+    for im in coco["images"]:
+        grey = np.asarray(data.load_rgb(os.path.join(p["train_images"], im["file_name"])), float).max(2)
+        ms = [m for a, m in zip(coco["annotations"], masks) if a["image_id"] == im["id"]]
+        anything = np.any(ms, 0)
+        background = np.median(grey[~_grow(anything, 6)])
+        for i, m in enumerate(ms):
+            touching += any((_grow(m) & b).any() for j, b in enumerate(ms) if j != i)
+            inner = m & ~_grow(~m, 2)
+            rim, halo = m & _grow(~m), _grow(m, 2) & ~anything
+            if inner.sum() >= 20:
+                assert grey[inner].mean() > background + 20  # bright on dark
+                soft += grey[rim].mean() < grey[inner].mean() - 5 and grey[halo].mean() > background + 5
+    assert soft >= 10 and touching >= 5
