@@ -78,19 +78,40 @@ def crf_labels(avg, image, box_mask, cfg):
     if f is not None:
         flooded = mean_field_labels(avg, image, box_mask, f.size, tau=f.tau, iters=f.iters, zeta=f.zeta,
                                     omega=f.omega)
-        kept = labels & ~opening(labels & ~flooded, f.open_radius)
+        removed = opening(labels & ~flooded, f.open_radius)
         if f.keep_bags:
-            kept = torch.where(empties_a_bag(labels, kept, box_mask)[:, None, None], labels, kept)
-        labels = kept
+            removed = removed & ~pieces_emptying_a_bag(labels, removed, box_mask)
+        labels = labels & ~removed
     return labels
 
 
-def empties_a_bag(before, after, box_mask):
-    """Per crop: does `after` leave empty a MIL bag (a row or column crossing the box, Eq. 2) that
-    `before` fills? (bool [B]; masks [B,H,W])"""
-    box = box_mask > 0.5
-    rows, cols = box.any(2), box.any(1)
-    return ((rows & before.any(2) & ~after.any(2)).any(1) | (cols & before.any(1) & ~after.any(1)).any(1))
+def components(mask):
+    """4-connected pieces of a bool mask [B,H,W]: each piece's pixels hold one positive id, 0 elsewhere
+    (the largest flat index in it, spread by max-pooling until nothing changes)."""
+    ids = torch.arange(1, mask[0].numel() + 1, dtype=torch.float32).view(mask.shape[1:]) * mask
+    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    while True:
+        p = F.pad(ids, (1, 1, 1, 1))
+        spread = torch.stack([p[:, i:i + mask.shape[1], j:j + mask.shape[2]]
+                              for i in range(3) for j in range(3) if cross[i, j]]).amax(0) * mask
+        if torch.equal(spread, ids):
+            return ids.long()
+        ids = spread
+
+
+def pieces_emptying_a_bag(labels, removed, box_mask):
+    """The pieces of `removed` (bool [B,H,W]) that hold a pixel of a MIL bag (a row or column crossing
+    the box, Eq. 2) which `labels` fill and `labels & ~removed` leave empty: putting them back fills
+    every such bag again."""
+    box, kept = box_mask > 0.5, labels & ~removed
+    rows = box.any(2) & labels.any(2) & ~kept.any(2)
+    cols = box.any(1) & labels.any(1) & ~kept.any(1)
+    hit = removed & (rows[:, :, None] | cols[:, None, :])
+    ids = components(removed)
+    bad = torch.zeros(len(ids), ids[0].numel() + 1, dtype=torch.bool, device=ids.device)
+    bad.scatter_(1, (ids * hit).flatten(1), True)
+    bad[:, 0] = False
+    return bad.gather(1, ids.flatten(1)).view_as(removed)
 
 
 def loss(logits, teacher_logits, image, box_mask, step, cfg):
