@@ -3,6 +3,7 @@
 parsed flags into their recipes (recipes.py).
 """
 import argparse
+import importlib
 
 import recipes
 
@@ -242,3 +243,27 @@ def export_parser():
                    help="write an overlay of each of the N lowest-scored masks (mask_score in the file name) "
                         "to LABELS without .json + '.review/'")
     return p
+
+
+# The console scripts (pyproject.toml): like `python train.py`, --help answers before the command's
+# module, and torch with it, is imported.
+
+def _command(module, parser):
+    parser().parse_known_args()
+    importlib.import_module(module).main()
+
+
+def mal_train():
+    _command("train", train_parser)
+
+
+def mal_label():
+    _command("label", label_parser)
+
+
+def mal_pretrain():
+    _command("pretrain", pretrain_parser)
+
+
+def mal_export():
+    _command("export", export_parser)

@@ -76,6 +76,24 @@ def test_help_answers_before_torch_is_imported():
         assert out.stdout.rstrip().endswith("no torch") and "--images" in out.stdout, command
 
 
+def test_the_console_scripts_answer_help_before_torch_is_imported():
+    """pyproject.toml's mal-* scripts are options' entries, which parse before importing the command."""
+    scripts = dict(line.replace('"', "").split(" = ") for line in open(os.path.join(HERE, "pyproject.toml"))
+                   .read().split("[project.scripts]")[1].split("\n\n")[0].strip().splitlines())
+    assert scripts == {f"mal-{c}": f"options:mal_{c}" for c in ("train", "label", "pretrain", "export")}
+    for script, entry in scripts.items():
+        probe = ("import sys, options\n"
+                 f"sys.argv = [{script!r}, '--help']\n"
+                 "try:\n"
+                 f"    options.{entry.split(':')[1]}()\n"
+                 "except SystemExit as e:\n"
+                 "    assert e.code == 0, e.code\n"
+                 "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip().endswith("no torch") and "--images" in out.stdout, script
+
+
 def test_train_py_offers_what_a_user_sets():
     """At most ~35 options in train.py --help; the experiments' knobs are --recipe items."""
     out = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True,

@@ -312,7 +312,7 @@ def cuda_device(index):
     n = torch.cuda.device_count()
     if index >= n:
         raise InputError(f"cuda:{index} asked for, but this node has {n} CUDA device(s): start at most {n} "
-                         f"process(es) per node (torchrun --nproc_per_node {max(n, 1)}) or pass --device cpu")
+                         f"process(es) per node (torchrun --nproc_per_node {max(n, 1)}) or run on the CPU")
     device = torch.device("cuda", index)
     torch.cuda.set_device(device)
     return device
