@@ -524,8 +524,9 @@ def _blur(a, sigma):
     """A Gaussian blur of float [H,W] (edges extended), separable."""
     k = np.exp(-0.5 * (np.arange(-int(3 * sigma + 1), int(3 * sigma + 1) + 1) / sigma) ** 2)
     k /= k.sum()
+    row = lambda v: np.convolve(np.pad(v, len(k) // 2, mode="edge"), k, "valid")  # noqa: E731
     for axis in (0, 1):
-        a = np.apply_along_axis(lambda v: np.convolve(np.pad(v, len(k) // 2, mode="edge"), k, "valid"), axis, a)
+        a = np.apply_along_axis(row, axis, a)
     return a
 
 
@@ -552,7 +553,8 @@ def _render_glow(rng, W, H):
         ys, xs = np.nonzero(m)
         d2 = ((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2) / max(r, 1.0) ** 2
         peak = rng.uniform(60, 230)
-        light[m] = peak * (1 - rng.uniform(0.3, 0.6) * np.clip(d2, 0, 1)) * (1 + 0.12 * rng.standard_normal(len(xs)))
+        fade = 1 - rng.uniform(0.3, 0.6) * np.clip(d2, 0, 1)
+        light[m] = peak * fade * (1 + 0.12 * rng.standard_normal(len(xs)))
         for o in objects:
             o[2] &= ~m
         objects.append([GLOW_CATEGORIES[cat]["id"], m, m.copy()])

@@ -128,12 +128,14 @@ def test_the_flood_keeps_the_mil_bags():
     image, prob, box, disc = _soft_nucleus_case()
     cfg = recipes.LossConfig(loss_size=48, flood=recipes.Flood())
     paper = objective.crf_labels(prob, image, box, cfg.paper())
-    eaten = objective.crf_labels(prob, image, box, dataclasses.replace(cfg, flood=recipes.Flood(keep_bags=False)))
+    without = dataclasses.replace(cfg, flood=recipes.Flood(keep_bags=False))
+    eaten = objective.crf_labels(prob, image, box, without)
     assert torch.equal(paper[0], disc) and eaten.sum() < 0.5 * disc.sum()
     assert _emptied_bags(paper[0], eaten[0], box) > 10
     assert torch.equal(objective.crf_labels(prob, image, box, cfg), paper)
     image, prob, box, c, pocket = _c_shape_case()
-    kept = objective.crf_labels(prob, image, box, dataclasses.replace(cfg, loss_size=32, flood=recipes.Flood(size=32)))
+    small = dataclasses.replace(cfg, loss_size=32, flood=recipes.Flood(size=32))
+    kept = objective.crf_labels(prob, image, box, small)
     assert kept[0][c].all() and not kept[0][pocket & objective.opening(pocket[None], 2)[0]].any()
 
 
@@ -181,12 +183,14 @@ def test_recipe_items_set_the_loss_and_the_run():
     loss, run = recipes.read_recipe(["tau=0.3", "crf_size=24", "flood.iters=50", "theta=1.0",
                                      "keep_epochs=1"], recipes.LossConfig(), recipes.RUN_SETTINGS)
     assert (loss.tau, loss.crf_size, loss.flood) == (0.3, 24, recipes.Flood(iters=50))
-    assert recipes.read_recipe(["flood.keep_bags=off"], loss, {})[0].flood == recipes.Flood(iters=50, keep_bags=False)
+    off = recipes.read_recipe(["flood.keep_bags=off"], loss, {})[0].flood
+    assert off == recipes.Flood(iters=50, keep_bags=False)
     assert run["theta"] == 1.0 and run["keep_epochs"] is True and run["weight_decay"] == 0.05
     assert recipes.read_recipe(["flood=off", "crf_size=none"], recipes.DEMO["loss"], {})[0].flood is None
     for bad, why in (("tua=0.3", "tua=0.3: unknown setting (known: theta"), ("tau", "tau: not KEY=VALUE"),
                      ("tau=x", "tau=x: could not convert"), ("theta=x", "theta=x: theta takes a float"),
-                     ("flood=yes", "flood=yes: on or off"), ("flood.keep_bags=1", "flood.keep_bags=1: on or off")):
+                     ("flood=yes", "flood=yes: on or off"),
+                     ("flood.keep_bags=1", "flood.keep_bags=1: on or off")):
         with pytest.raises(ValueError, match="^" + re.escape(why)):
             recipes.read_recipe([bad], recipes.LossConfig(), recipes.RUN_SETTINGS)
     # recipe_items says a config as the items that give it
