@@ -8,9 +8,10 @@ to it, each a no-op at its paper value (recipes.LossConfig says which), each mea
                           +0.013 mIoU over τ 1 on the demo sets; the flood runs at τ 1e-4
   mean_field_labels ..... the mean field at its own resolution (crf_size), cheaper than the loss's
   opening, crf_labels ... the flood (recipes.Flood): the paper's labels fill the concavities of crescents
-                          and L's; they lose what a flood of the box's outside reaches, in thick pieces.
-                          The demo recipe with it keeps 92% of the GT-mask upper bound on its worst
-                          set, against 79% for the paper's CRF loss (with its EMA and colour jitter)
+                          and L's; they lose what a flood of the box's outside reaches, in thick pieces,
+  components,             except the pieces that would leave a MIL bag empty (a soft-edged object
+  pieces_emptying_a_bag   shrunk towards its core), which stay labeled. QUALITY.md has what each part
+                          measured on every set, against the paper's CRF loss
 
 objective.loss(..., cfg.paper()) is mal.mal_loss with the ramps: the paper's recipe is one flag away
 (train.py --paper-loss).
@@ -69,7 +70,7 @@ def crf_labels(avg, image, box_mask, cfg):
     """Eq. 5's labels under cfg (a recipes.LossConfig): the mean field with τ at crf_size; then, with a
     flood, minus what a flood of the box's outside takes from them in pieces at least 2r + 1 pixels
     across: the concavities and gaps that the box's background reaches, not the thin bands it eats
-    along soft edges. With τ = 1 (the paper) the mean field is a local majority vote that moves the
+    along soft edges; with keep_bags, not the pieces whose removal would empty a MIL bag either. With τ = 1 (the paper) the mean field is a local majority vote that moves the
     mask's edges to nearby colour edges but keeps a region the network fills with confidence, such as
     the concavity of a crescent; the flood is what empties it."""
     labels = mean_field_labels(avg, image, box_mask, cfg.crf_size, tau=cfg.tau, iters=cfg.crf_iters,
