@@ -8,10 +8,10 @@ to it, each a no-op at its paper value (recipes.LossConfig says which), each mea
                           +0.013 mIoU over τ 1 on the demo sets; the flood runs at τ 1e-4
   mean_field_labels ..... the mean field at its own resolution (crf_size), cheaper than the loss's
   opening, crf_labels ... the flood (recipes.Flood): the paper's labels fill the concavities of crescents
-                          and L's; they lose what a flood of the box's outside reaches, in thick pieces,
-  components,             except the pieces that would leave a MIL bag empty (a soft-edged object
-  pieces_emptying_a_bag   shrunk towards its core), which stay labeled. QUALITY.md has what each part
-                          measured on every set, against the paper's CRF loss
+  empties_a_bag           and L's; they lose what a flood of the box's outside reaches, in thick pieces,
+                          unless that would leave a MIL bag empty (a soft-edged object shrunk towards
+                          its core): such a crop keeps the paper's labels. QUALITY.md has what each
+                          part measured on every set, against the paper's CRF loss
 
 objective.loss(..., cfg.paper()) is mal.mal_loss with the ramps: the paper's recipe is one flag away
 (train.py --paper-loss).
@@ -70,49 +70,29 @@ def crf_labels(avg, image, box_mask, cfg):
     """Eq. 5's labels under cfg (a recipes.LossConfig): the mean field with τ at crf_size; then, with a
     flood, minus what a flood of the box's outside takes from them in pieces at least 2r + 1 pixels
     across: the concavities and gaps that the box's background reaches, not the thin bands it eats
-    along soft edges; with keep_bags, not the pieces whose removal would empty a MIL bag either. With τ = 1 (the paper) the mean field is a local majority vote that moves the
-    mask's edges to nearby colour edges but keeps a region the network fills with confidence, such as
-    the concavity of a crescent; the flood is what empties it."""
+    along soft edges; with keep_bags, a crop where that would empty a MIL bag keeps the paper's labels.
+    With τ = 1 (the paper) the mean field is a local majority vote that moves the mask's edges to
+    nearby colour edges but keeps a region the network fills with confidence, such as the concavity of
+    a crescent; the flood is what empties it."""
     labels = mean_field_labels(avg, image, box_mask, cfg.crf_size, tau=cfg.tau, iters=cfg.crf_iters,
                                zeta=cfg.zeta, omega=cfg.omega)
     f = cfg.flood
     if f is not None:
         flooded = mean_field_labels(avg, image, box_mask, f.size, tau=f.tau, iters=f.iters, zeta=f.zeta,
                                     omega=f.omega)
-        removed = opening(labels & ~flooded, f.open_radius)
+        kept = labels & ~opening(labels & ~flooded, f.open_radius)
         if f.keep_bags:
-            removed = removed & ~pieces_emptying_a_bag(labels, removed, box_mask)
-        labels = labels & ~removed
+            kept = torch.where(empties_a_bag(labels, kept, box_mask)[:, None, None], labels, kept)
+        labels = kept
     return labels
 
 
-def components(mask):
-    """4-connected pieces of a bool mask [B,H,W]: each piece's pixels hold one positive id, 0 elsewhere
-    (the largest flat index in it, spread by max-pooling until nothing changes)."""
-    ids = torch.arange(1, mask[0].numel() + 1, dtype=torch.float32).view(mask.shape[1:]) * mask
-    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
-    while True:
-        p = F.pad(ids, (1, 1, 1, 1))
-        spread = torch.stack([p[:, i:i + mask.shape[1], j:j + mask.shape[2]]
-                              for i in range(3) for j in range(3) if cross[i, j]]).amax(0) * mask
-        if torch.equal(spread, ids):
-            return ids.long()
-        ids = spread
-
-
-def pieces_emptying_a_bag(labels, removed, box_mask):
-    """The pieces of `removed` (bool [B,H,W]) that hold a pixel of a MIL bag (a row or column crossing
-    the box, Eq. 2) which `labels` fill and `labels & ~removed` leave empty: putting them back fills
-    every such bag again."""
-    box, kept = box_mask > 0.5, labels & ~removed
-    rows = box.any(2) & labels.any(2) & ~kept.any(2)
-    cols = box.any(1) & labels.any(1) & ~kept.any(1)
-    hit = removed & (rows[:, :, None] | cols[:, None, :])
-    ids = components(removed)
-    bad = torch.zeros(len(ids), ids[0].numel() + 1, dtype=torch.bool, device=ids.device)
-    bad.scatter_(1, (ids * hit).flatten(1), True)
-    bad[:, 0] = False
-    return bad.gather(1, ids.flatten(1)).view_as(removed)
+def empties_a_bag(before, after, box_mask):
+    """Per crop: does `after` leave empty a MIL bag (a row or column crossing the box, Eq. 2) that
+    `before` fills? (bool [B]; masks [B,H,W])"""
+    box = box_mask > 0.5
+    rows, cols = box.any(2), box.any(1)
+    return (rows & before.any(2) & ~after.any(2)).any(1) | (cols & before.any(1) & ~after.any(1)).any(1)
 
 
 def loss(logits, teacher_logits, image, box_mask, step, cfg):

@@ -30,9 +30,9 @@ class Flood:
     textured it also eats into the object from its rim, in thin bands: the CRF loss takes from it only
     the regions at least 2·open_radius + 1 pixels across (objective.opening). Where edges are soft all
     round (a nucleus fading into a dark background) the band is thick and the flood shrinks the object
-    towards its core, emptying the rows and columns at the box's sides: with keep_bags the pieces of
-    the removal that would leave a MIL bag empty which the paper's labels fill stay labeled (the box
-    says the object crosses every one of them, §3.3), and the rest, such as a crescent's pocket, goes."""
+    towards its core, emptying the rows and columns at the box's sides: with keep_bags a crop whose
+    flood would leave a MIL bag empty that the paper's labels fill keeps the paper's labels (the box
+    says the object crosses every one of them, §3.3)."""
     iters: int = 1000
     zeta: float = 0.3
     omega: float = 0.25

@@ -123,8 +123,8 @@ def _emptied_bags(before, after, box):
 
 def test_the_flood_keeps_the_mil_bags():
     """Around a soft-edged nucleus the flood eats a thick ring and leaves the rows and columns at the
-    box's sides empty; with keep_bags (the default) the ring is put back and the labels are the
-    paper's, while the C's pocket, which empties no bag, is still taken."""
+    box's sides empty; with keep_bags (the default) such a crop keeps the paper's labels, while the
+    C's pocket, which empties no bag, is still taken."""
     image, prob, box, disc = _soft_nucleus_case()
     cfg = recipes.LossConfig(loss_size=48, flood=recipes.Flood())
     paper = objective.crf_labels(prob, image, box, cfg.paper())
@@ -139,26 +139,18 @@ def test_the_flood_keeps_the_mil_bags():
     assert kept[0][c].all() and not kept[0][pocket & objective.opening(pocket[None], 2)[0]].any()
 
 
-def test_pieces_emptying_a_bag():
-    """Of what the flood removes, only the pieces holding the last labels of a row or column crossing
-    the box go back; a piece that empties no bag stays removed, in the same crop."""
-    box = torch.zeros(2, 10, 10)
-    box[:, 1:9, 1:9] = 1
-    labels = box > 0
-    removed = torch.zeros(2, 10, 10, dtype=torch.bool)
-    removed[0, 1:3, 1:9] = True  # crop 0: rows 1-2 whole, both emptied
-    removed[:, 5:7, 5:8] = True  # a pocket inside: empties nothing
-    removed[1, 1:3, 2:9] = True  # crop 1: rows 1-2 but their first pixel: no bag emptied
-    got = objective.pieces_emptying_a_bag(labels, removed, box)
-    expect = torch.zeros_like(removed)
-    expect[0, 1:3, 1:9] = True
-    assert torch.equal(got, expect)
-    # The band and the pocket are two pieces; pixels that touch only at a corner are two pieces too.
-    ids = objective.components(removed)
-    assert ids[0, 1, 1] == ids[0, 2, 8] != ids[0, 5, 5] == ids[0, 6, 7] != 0 and (ids[~removed] == 0).all()
-    diagonal = torch.zeros(1, 4, 4, dtype=torch.bool)
-    diagonal[0, 0, 0] = diagonal[0, 1, 1] = True
-    assert objective.components(diagonal).unique().numel() == 3
+def test_empties_a_bag():
+    """A bag is a row or column crossing the box; it counts only where `before` fills it."""
+    box = torch.zeros(2, 8, 8)
+    box[:, 2:6, 1:7] = 1
+    before = box > 0
+    before[1, 5] = False  # crop 1: row 5 is empty already
+    after = before.clone()
+    after[:, 5, :] = False  # empties row 5
+    after[:, 0, 0] = True  # a pixel outside the box fills no bag
+    assert objective.empties_a_bag(before, after, box).tolist() == [True, False]
+    after[:, 2:6, 6] = False  # and column 6, in both
+    assert objective.empties_a_bag(before, after, box).tolist() == [True, True]
 
 
 def test_the_flood_composition(monkeypatch):
