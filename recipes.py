@@ -120,7 +120,7 @@ def _number(kind, value):
 # (the decoder's 256 channels at 2× the token grid would cost most of the time), about 750 steps of
 # 16 crops whatever the number of boxes, EMA 0.99 and no colour jitter. Its losses are the paper's at
 # 48 px with short ramps, and the flood (Flood): the CRF's labels lose what a flood of the box's
-# outside takes from them in thick pieces.
+# outside takes from them in thick pieces, unless that would empty a MIL bag.
 # Chosen by its worst evaluation set, synthetic and real (QUALITY.md).
 DEMO = dict(arch="vit_tiny", depth=3, patch_size=8, img_size=96, decoder_dim=64, batch_size=16,
             steps=750, lr_per_image=5e-5, warmup_steps=50, ema=0.99, color_aug=False, min_area=64.0,
