@@ -83,7 +83,7 @@ class LossConfig:
                     default = {f.name: f.default for f in dataclasses.fields(Flood)}
                     if name not in default:
                         raise KeyError(name)
-                    flood[name] = (_switch(value, True) or False if isinstance(default[name], bool)
+                    flood[name] = (_on_off(value) if isinstance(default[name], bool)
                                    else type(default[name])(value))
                 elif key in fields and key != "flood":
                     out[key] = None if value == "none" else _number(fields[key].type, value)
@@ -101,10 +101,14 @@ class LossConfig:
         return dataclasses.replace(self, **out)
 
 
-def _switch(value, on):
+def _on_off(value):
     if value not in ("on", "off"):
         raise ValueError("on or off")
-    return on if value == "on" else None
+    return value == "on"
+
+
+def _switch(value, on):
+    return on if _on_off(value) else None
 
 
 def _text(value):
