@@ -96,6 +96,17 @@ def _build_splits(root, splits, render, seed, name, categories, version):
     return paths, files
 
 
+def _split_set(root, kind, version, categories, render, n_train, n_val, image_size, seed):
+    """A synthetic set of `kind` under root (cached), its train and val splits drawn by
+    render(rng, W, H): dict(train_json, train_images, val_json, val_images)."""
+    (W, H), seed = (int(v) for v in image_size), int(seed)
+    params = dict(kind=kind, version=version, n_train=int(n_train), n_val=int(n_val), image_size=[W, H],
+                  seed=seed)
+    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
+    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: render(g, W, H), seed, kind,
+                                                            categories, version))
+
+
 def _kept(objects, min_visible=0.4, min_area=24, min_side=4):
     """(category_id, visible mask) of the objects [(category_id, full, visible)] that stay
     recognisable: at least min_visible of them unoccluded, min_area px, a min_side × min_side box."""
@@ -227,13 +238,8 @@ def _render_image(rng, W, H, n_objects):
 
 def make_demo(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
     """The demo set under root (cached): dict(train_json, train_images, val_json, val_images)."""
-    (W, H), seed = (int(v) for v in image_size), int(seed)
-    params = dict(kind="demo", version=_DEMO_VERSION, n_train=int(n_train), n_val=int(n_val),
-                  image_size=[W, H], seed=seed)
-    render = lambda rng: _render_image(rng, W, H, int(rng.integers(3, 8)))  # noqa: E731
-    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
-    return cached_set(root, params, lambda r: _build_splits(r, splits, render, seed, "demo", DEMO_CATEGORIES,
-                                                            _DEMO_VERSION))
+    render = lambda rng, W, H: _render_image(rng, W, H, int(rng.integers(3, 8)))  # noqa: E731
+    return _split_set(root, "demo", _DEMO_VERSION, DEMO_CATEGORIES, render, n_train, n_val, image_size, seed)
 
 
 def make_coco_like(root, n_images, size=(640, 480), boxes_per_image=7, seed=0):
@@ -380,13 +386,8 @@ def _render_textured(rng, W, H):
 
 def make_textured(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
     """The textured set under root (cached): dict(train_json, train_images, val_json, val_images)."""
-    (W, H), seed = (int(v) for v in image_size), int(seed)
-    params = dict(kind="textured", version=_TEXTURED_VERSION, n_train=int(n_train), n_val=int(n_val),
-                  image_size=[W, H], seed=seed)
-    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
-    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: _render_textured(g, W, H),
-                                                            seed, "textured", TEXTURED_CATEGORIES,
-                                                            _TEXTURED_VERSION))
+    return _split_set(root, "textured", _TEXTURED_VERSION, TEXTURED_CATEGORIES, _render_textured, n_train,
+                      n_val, image_size, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,13 +472,8 @@ def _render_clutter(rng, W, H):
 
 def make_clutter(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
     """The clutter set under root (cached): dict(train_json, train_images, val_json, val_images)."""
-    (W, H), seed = (int(v) for v in image_size), int(seed)
-    params = dict(kind="clutter", version=_CLUTTER_VERSION, n_train=int(n_train), n_val=int(n_val),
-                  image_size=[W, H], seed=seed)
-    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
-    render = lambda rng: _render_clutter(rng, W, H)  # noqa: E731
-    return cached_set(root, params, lambda r: _build_splits(r, splits, render, seed, "clutter",
-                                                            CLUTTER_CATEGORIES, _CLUTTER_VERSION))
+    return _split_set(root, "clutter", _CLUTTER_VERSION, CLUTTER_CATEGORIES, _render_clutter, n_train, n_val,
+                      image_size, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,12 +566,8 @@ def _render_glow(rng, W, H):
 
 def make_glow(root, n_train=240, n_val=60, image_size=(256, 192), seed=0):
     """The glow set under root (cached): dict(train_json, train_images, val_json, val_images)."""
-    (W, H), seed = (int(v) for v in image_size), int(seed)
-    params = dict(kind="glow", version=_GLOW_VERSION, n_train=int(n_train), n_val=int(n_val),
-                  image_size=[W, H], seed=seed)
-    splits = [("train", 0, int(n_train)), ("val", 1, int(n_val))]
-    return cached_set(root, params, lambda r: _build_splits(r, splits, lambda g: _render_glow(g, W, H),
-                                                            seed, "glow", GLOW_CATEGORIES, _GLOW_VERSION))
+    return _split_set(root, "glow", _GLOW_VERSION, GLOW_CATEGORIES, _render_glow, n_train, n_val, image_size,
+                      seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,19 +61,25 @@ def test_the_commands_loops_stay_short():
     assert not long, long
 
 
+def _help_without_torch(argv0, run):
+    """Runs the code `run` with sys.argv [argv0, --help]; asserts it exits 0, printing the flags, with
+    torch not imported."""
+    probe = ("import runpy, sys, options\n"
+             f"sys.argv = [{argv0!r}, '--help']\n"
+             "try:\n"
+             f"    {run}\n"
+             "except SystemExit as e:\n"
+             "    assert e.code == 0, e.code\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("no torch") and "--images" in out.stdout, argv0
+
+
 def test_help_answers_before_torch_is_imported():
     """train.py, label.py, pretrain.py and export.py --help print their flags without loading torch."""
     for command in ("train.py", "label.py", "pretrain.py", "export.py"):
-        probe = ("import runpy, sys\n"
-                 f"sys.argv = [{command!r}, '--help']\n"
-                 "try:\n"
-                 f"    runpy.run_path({os.path.join(HERE, command)!r}, run_name='__main__')\n"
-                 "except SystemExit as e:\n"
-                 "    assert e.code == 0, e.code\n"
-                 "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.rstrip().endswith("no torch") and "--images" in out.stdout, command
+        _help_without_torch(command, f"runpy.run_path({os.path.join(HERE, command)!r}, run_name='__main__')")
 
 
 def test_the_console_scripts_answer_help_before_torch_is_imported():
@@ -82,16 +88,7 @@ def test_the_console_scripts_answer_help_before_torch_is_imported():
                    .read().split("[project.scripts]")[1].split("\n\n")[0].strip().splitlines())
     assert scripts == {f"mal-{c}": f"options:mal_{c}" for c in ("train", "label", "pretrain", "export")}
     for script, entry in scripts.items():
-        probe = ("import sys, options\n"
-                 f"sys.argv = [{script!r}, '--help']\n"
-                 "try:\n"
-                 f"    options.{entry.split(':')[1]}()\n"
-                 "except SystemExit as e:\n"
-                 "    assert e.code == 0, e.code\n"
-                 "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=HERE)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.rstrip().endswith("no torch") and "--images" in out.stdout, script
+        _help_without_torch(script, f"options.{entry.split(':')[1]}()")
 
 
 def test_train_py_offers_what_a_user_sets():
