@@ -402,6 +402,13 @@ CLUTTER_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "star"}, {"id
 _CLUTTER_VERSION = 1
 
 
+def _polygon_mask(pts, W, H):
+    """The bool mask [H,W] inside the polygon pts [n,2] (x, y)."""
+    canvas = Image.new("L", (W, H), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(q) for q in pts.round(2).tolist()], fill=1)
+    return np.asarray(canvas) > 0
+
+
 def _clutter_shape(rng, kind, cx, cy, r, W, H):
     """The bool mask [H,W] of one object: the demo's shapes, and a C (a thick arc, open on one side)."""
     if kind != "C":
@@ -411,10 +418,7 @@ def _clutter_shape(rng, kind, cx, cy, r, W, H):
     outer = np.stack([np.cos(phi), np.sin(phi)], 1) * r
     inner = outer[::-1] * (1 - width)
     aspect = rng.uniform(0.7, 1.0)
-    canvas = Image.new("L", (W, H), 0)
-    pts = np.concatenate([outer, inner]) * np.array([1.0, aspect]) + np.array([cx, cy])
-    ImageDraw.Draw(canvas).polygon([tuple(q) for q in pts.round(2).tolist()], fill=1)
-    return np.asarray(canvas) > 0
+    return _polygon_mask(np.concatenate([outer, inner]) * np.array([1.0, aspect]) + np.array([cx, cy]), W, H)
 
 
 def _shaded(rng, colour, m, W, H):
@@ -493,10 +497,8 @@ def _cell(rng, cx, cy, r, W, H):
     rad = r * (1 + sum(rng.uniform(0, 0.08) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)))
     ang, aspect = rng.uniform(0, np.pi), rng.uniform(0.6, 1.0)
     x, y = rad * np.cos(phi), aspect * rad * np.sin(phi)
-    pts = np.stack([cx + x * np.cos(ang) - y * np.sin(ang), cy + x * np.sin(ang) + y * np.cos(ang)], 1)
-    canvas = Image.new("L", (W, H), 0)
-    ImageDraw.Draw(canvas).polygon([tuple(q) for q in pts.round(2).tolist()], fill=1)
-    return np.asarray(canvas) > 0
+    return _polygon_mask(np.stack([cx + x * np.cos(ang) - y * np.sin(ang),
+                                   cy + x * np.sin(ang) + y * np.cos(ang)], 1), W, H)
 
 
 def _glow_shape(rng, kind, cx, cy, r, W, H):
