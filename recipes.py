@@ -32,7 +32,9 @@ class Flood:
     round (a nucleus fading into a dark background) the band is thick and the flood shrinks the object
     towards its core, emptying the rows and columns at the box's sides: with keep_bags a crop whose
     flood would leave a MIL bag empty that the paper's labels fill keeps the paper's labels (the box
-    says the object crosses every one of them, §3.3)."""
+    says the object crosses every one of them, §3.3). A bag within bag_margin pixels of what the flood
+    keeps does not count: the flood's coarse grid clips thin extremities (a crescent's horn tips) by
+    about that much, and a crop sent back for them would keep its concavity filled."""
     iters: int = 1000
     zeta: float = 0.3
     omega: float = 0.25
@@ -40,6 +42,7 @@ class Flood:
     size: int = 24
     open_radius: int = 2
     keep_bags: bool = True
+    bag_margin: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +273,9 @@ def checkpoint_settings(ck):
 
 def loss_config(d):
     """A LossConfig from its dict in a checkpoint's args (dataclasses.asdict)."""
-    flood = d.get("flood")  # a flood saved before keep_bags existed ran without it
-    return LossConfig(**{**d, "flood": Flood(**{"keep_bags": False, **flood}) if flood else None})
+    flood = d.get("flood")  # a flood saved before keep_bags or bag_margin existed ran without them
+    old = {"keep_bags": False, "bag_margin": 0}
+    return LossConfig(**{**d, "flood": Flood(**{**old, **flood}) if flood else None})
 
 
 # The export formats label.py and export.py write besides COCO RLE.

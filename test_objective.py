@@ -153,6 +153,39 @@ def test_empties_a_bag():
     assert objective.empties_a_bag(before, after, box).tolist() == [True, True]
 
 
+def test_a_bag_within_the_margin_does_not_count():
+    """The last two rows of a box emptied (a clipped tip): within a margin of 2, not emptied; with 1,
+    the last row is still out of reach; a column 3 pixels from what is kept counts with a margin of 2."""
+    box = torch.zeros(1, 12, 12)
+    box[:, 2:10, 2:10] = 1
+    before = box > 0
+    after = before.clone()
+    after[:, 8:10] = False
+    assert objective.empties_a_bag(before, after, box).tolist() == [True]
+    assert objective.empties_a_bag(before, after, box, margin=2).tolist() == [False]
+    assert objective.empties_a_bag(before, after, box, margin=1).tolist() == [True]
+    after[:, :, 7:10] = False
+    assert objective.empties_a_bag(before, after, box, margin=2).tolist() == [True]
+
+
+def test_dilation_and_opening():
+    """dilation reaches r pixels in x and y; opening keeps what a (2r+1)² square fits in, and the crop's
+    edge does not erode it."""
+    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m[0, 4, 4] = True
+    square = torch.zeros(9, 9, dtype=torch.bool)
+    square[2:7, 2:7] = True
+    assert torch.equal(objective.dilation(m, 2)[0], square)
+    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m[0, :5, :5] = True  # a 5 × 5 square at the corner
+    m[0, 7, :] = True  # a 1-px line
+    expect = m.clone()
+    expect[0, 7] = False
+    assert torch.equal(objective.opening(m, 2), expect)
+    m[0, 2, 2] = False  # a hole at its centre: no 5 × 5 square fits
+    assert not objective.opening(m, 2).any()
+
+
 def test_the_flood_composition(monkeypatch):
     """labels = paper & ~opening(paper & ~flooded): a thin band the flood eats along the rim stays
     labeled, a thick piece it takes goes, and nothing the paper's labels lack comes in."""
@@ -177,6 +210,8 @@ def test_recipe_items_set_the_loss_and_the_run():
     assert (loss.tau, loss.crf_size, loss.flood) == (0.3, 24, recipes.Flood(iters=50))
     off = recipes.read_recipe(["flood.keep_bags=off"], loss, {})[0].flood
     assert off == recipes.Flood(iters=50, keep_bags=False)
+    no_margin = recipes.read_recipe(["flood.bag_margin=0"], loss, {})[0].flood
+    assert no_margin == recipes.Flood(iters=50, bag_margin=0)
     assert run["theta"] == 1.0 and run["keep_epochs"] is True and run["weight_decay"] == 0.05
     assert recipes.read_recipe(["flood=off", "crf_size=none"], recipes.DEMO["loss"], {})[0].flood is None
     for bad, why in (("tua=0.3", "tua=0.3: unknown setting (known: theta"), ("tau", "tau: not KEY=VALUE"),

@@ -242,10 +242,12 @@ def test_train_demo_recipe_on_other_data(tiny_set, tmp_path, monkeypatch):
             and ck["label_settings"] == dataclasses.asdict(recipes.LabelSettings(
                 crf_refine=True, crf_iters=100, crf_size=48, zeta=0.3, omega=2.0, tau=0.3)))
     assert recipes.loss_config(ck["args"]["loss"]) == dataclasses.replace(recipes.DEMO["loss"], crf_iters=2)
-    # A flood saved before keep_bags existed resumes as it ran, without it.
+    # A flood saved before keep_bags or bag_margin existed resumes as it ran, without them.
     saved = ck["args"]["loss"]
-    old = dict(saved, flood={k: v for k, v in saved["flood"].items() if k != "keep_bags"})
-    assert recipes.loss_config(old).flood == recipes.Flood(keep_bags=False)
+    old = dict(saved, flood={k: v for k, v in saved["flood"].items() if k not in ("keep_bags", "bag_margin")})
+    assert recipes.loss_config(old).flood == recipes.Flood(keep_bags=False, bag_margin=0)
+    old = dict(saved, flood={k: v for k, v in saved["flood"].items() if k != "bag_margin"})
+    assert recipes.loss_config(old).flood == recipes.Flood(bag_margin=0)
     assert not os.path.exists(tmp_path / "never")
 
 
