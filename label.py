@@ -1,7 +1,9 @@
 """label.py: a mask for every box. Turns COCO boxes (ground truth or detector output) into a COCO
-instances JSON with an RLE mask per box, using a trained MAL checkpoint.
+instances JSON with an RLE mask per box, using a trained MAL checkpoint, or with --encoder, no
+training, a pretrained encoder's features and the box alone (predictor.BoxPrompted; photos on a CPU).
 
   python label.py --ckpt demo/run/last.pt --json boxes.json --images DIR --out labels.json [--eval]
+  python label.py --encoder dinov2_vits14 --json boxes.json --images DIR --out labels.json
   torchrun --nproc_per_node 8 label.py ...          # shards images over ranks; rank 0 merges
   python label.py                                   # the demo: label demo/data's val set, evaluate
 
@@ -80,7 +82,7 @@ def fingerprint(args, device):
         cfg["crf_iters"] = 0  # no refinement: its iteration count does not matter
     cfg["mask_score"] = predictor.MASK_SCORE  # parts scored otherwise (or not at all) do not mix with these
     cfg["device"] = torch.device(device).type  # cpu float32 and cuda bf16 give different pixels
-    cfg["ckpt_sha256"] = file_sha256(args.ckpt)
+    cfg["ckpt_sha256"] = file_sha256(args.ckpt or args.encoder)
     cfg["json_sha256"] = file_sha256(args.json)
     cfg["images_json_sha256"] = file_sha256(args.images_json) if args.images_json else None
     cfg["images"] = os.path.realpath(args.images)
@@ -144,8 +146,10 @@ def get_args(argv):
         recipes.LabelSettings().updated(args.recipe)
     except ValueError as e:
         p.error(f"--recipe {e}")
-    missing = [f"--{k.replace('_', '-')}" for k in ("ckpt", "json", "images", "out")
-               if getattr(args, k) is None]
+    if args.ckpt and args.encoder:
+        p.error("--ckpt or --encoder, not both")
+    missing = ([] if args.ckpt or args.encoder else ["--ckpt (or --encoder)"]) + [
+        f"--{k.replace('_', '-')}" for k in ("json", "images", "out") if getattr(args, k) is None]
     if missing:
         p.error(f"{', '.join(missing)} needed (or no arguments at all, for the demo)")
     if args.chunk_images < 1 or args.batch_size < 1:
@@ -186,7 +190,13 @@ def demo_argv():
 def check_inputs(args):
     """A missing input is a one-line error naming it, before anything reads (or hashes) it; so is a
     format whose optional extra (OpenCV) is missing, before any labeling."""
-    for flag, path, folder in (("--ckpt", args.ckpt, False), ("--json", args.json, False),
+    if args.encoder:  # a public encoder's name: its file, downloaded once (every rank: the rename is atomic)
+        try:
+            args.encoder = util.pretrained_file(args.encoder)
+        except util.InputError as e:
+            raise util.InputError(f"--encoder {e}") from None
+    for flag, path, folder in (("--ckpt", args.ckpt, False), ("--encoder", args.encoder, False),
+                               ("--json", args.json, False),
                                ("--images-json", args.images_json, False), ("--images", args.images, True)):
         if path is None:
             continue
@@ -208,9 +218,10 @@ def resolve_settings(args, ck):
     for f in dataclasses.fields(settings):  # the fingerprint reads them off args
         setattr(args, f.name, getattr(settings, f.name))
     given = [f"--{k.replace('_', '-')}" for k in given] + [f"--recipe {item}" for item in args.recipe]
+    whose = "--encoder's settings" if args.encoder else "from the checkpoint's recipe"
     print(f"label.py: {settings.describe()}"
-          + (f"; from the checkpoint's recipe except {', '.join(given)}"
-             if given else "; from the checkpoint's recipe" if recommended else ""), file=sys.stderr)
+          + (f"; {whose} except {', '.join(given)}" if given else f"; {whose}" if recommended else ""),
+          file=sys.stderr)
     return settings
 
 
@@ -263,7 +274,7 @@ def label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts,
     and their boxes are read from the index as the loader reaches them. On SIGINT or SIGTERM (stop), the
     boxes done in the chunk at hand go to its .partial.json, all but less than a batch, and a rerun
     labels only the rest."""
-    nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt)
+    nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt or args.encoder)
     kept = {k: read_results(partial_path(parts, k)) for k in mine}
     todo = labelable.copy()
     done = [a for r in kept.values() for a in r]
@@ -408,12 +419,13 @@ def write_extras(args, d, ck, index):
             out = util.read_json(args.out, "--out")
             gt = util.read_json(args.json if index.kind == "instances" else args.images_json, "GT JSON")
             r = evaluation.evaluate(gt, out, match_ids=index.kind == "instances")
-            net = predictor.build_nets(ck, "task", d.device, args.ckpt)[0]
+            net = predictor.build_nets(ck, "task", d.device, args.ckpt or args.encoder)[0]
             r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, gt, args.images,
                                                                                   d.device)
             util.write_json(util.side_file(args.out, ".eval.json"), r)
             print(evaluation.format_eval(r))
-            print(f"clustering score (Eq. 6) of the task network's encoder on the GT boxes: "
+            whose = "--encoder's" if args.encoder else "the task network's encoder"
+            print(f"clustering score (Eq. 6) of {whose} on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
                   f"(lower: FG and BG apart)", flush=True)  # before the summary line, which ends the output
     export.write_requested(args.out, args.images, fmt=args.format, dest=args.export_to, vis=args.vis,
@@ -471,7 +483,9 @@ def main(argv=None):
     with util.Stop("label.py", said) as stop:
         try:
             check_inputs(args)
-            ck = predictor.load_checkpoint(args.ckpt, mmap=True)  # once; mapped, each network read from it
+            # once; a checkpoint mapped, each network read from it
+            ck = (predictor.load_checkpoint(args.ckpt, mmap=True) if args.ckpt
+                  else predictor.load_encoder(args.encoder))
             settings = resolve_settings(args, ck)
             d = util.setup_distributed(args.device, args.dist_timeout)
             n_unlabeled = run(args, d, ck, settings, t0, stop)

@@ -27,12 +27,72 @@ def load_checkpoint(path, mmap=False):
     return ck
 
 
+def load_encoder(path):
+    """A pretrained encoder (label.py --encoder: a file, or a public encoder's name, downloaded once) in
+    a checkpoint's place: its weights, which label through BoxPrompted, and BoxPrompted's label
+    settings (recipes.BOX_PROMPTED_LABEL)."""
+    path = util.pretrained_file(path)
+    enc, _ = mal.read_pretrained(path)
+    return {"encoder": enc, "encoder_arch": mal.pretrained_arch(enc, path),
+            "label_settings": dataclasses.asdict(recipes.BOX_PROMPTED_LABEL)}
+
+
+class BoxPrompted(torch.nn.Module):
+    """Masks from a pretrained encoder's features and the box alone, with no training: a patch is
+    foreground as far as its features are closer (cosine) to the foreground's mean than to the mean of
+    the patches outside the box. The foreground starts as the patches near the box's centre and is
+    re-estimated from the mask `rounds` times; `prior` favours the inscribed ellipse a little.
+    Pretrained ViTs group an object's patches together (the paper's premise, §4.6): on photos this
+    beats the CPU recipe trained on the same boxes (QUALITY.md). forward(x normalised [B,3,S,S],
+    box_mask [B,S,S]) -> logits [B,S/p,S/p]."""
+
+    def __init__(self, encoder, rounds=3, prior=0.1, temperature=20.0, core=0.3):
+        super().__init__()
+        self.encoder, self.rounds, self.prior = encoder, rounds, prior
+        self.temperature, self.core = temperature, core
+
+    def forward(self, x, box_mask):
+        f = F.normalize(self.encoder(x).float(), dim=1)  # [B,C,h,w]
+        h, w = f.shape[-2:]
+        f = f.flatten(2)
+        inside = F.adaptive_avg_pool2d(box_mask[:, None].float(), (h, w)).flatten(1)  # share in the box
+        # r: each patch centre's squared radius in the box's frame, 1 on the inscribed ellipse
+        r = 0
+        for axis, n in ((-2, h), (-1, w)):
+            on = box_mask.any(dim=-1 if axis == -2 else -2).float()  # [B,S]: rows (columns) the box spans
+            S = on.shape[1]
+            at = torch.arange(S, device=x.device, dtype=torch.float32) + 0.5
+            span = on.sum(1).clamp_min(1)
+            centre, half = (on * at).sum(1) / span, span / 2
+            patch = (torch.arange(n, device=x.device, dtype=torch.float32) + 0.5) * S / n
+            d = ((patch[None] - centre[:, None]) / half[:, None]) ** 2  # [B,n]
+            r = r + (d[:, :, None] if axis == -2 else d[:, None, :])
+        r = r.flatten(1)
+        bg = F.normalize((f * (inside < 0.01)[:, None]).sum(2), dim=1)  # zero where no patch is outside
+        prior = self.prior * (1 - r).clamp(-1, 1)
+        weight = (r <= self.core).float()
+        for _ in range(self.rounds + 1):
+            fg = F.normalize((f * weight[:, None]).sum(2), dim=1)
+            s = torch.einsum("bcn,bc->bn", f, fg - bg) + prior
+            weight = torch.sigmoid(self.temperature * s) * (inside > 0.5)
+        return (self.temperature * s).view(-1, h, w)
+
+
+# The crop size BoxPrompted labels at: 16 × 16 patches of 14 px.
+BOX_PROMPTED_SIZE = 224
+
 # LabelSettings.net: whose masks
 NETS = {"task": ("task",), "teacher": ("teacher",), "avg": ("task", "teacher")}
 
 
 def build_nets(ck, net, device, path="checkpoint"):
-    """The network(s) of a loaded checkpoint that label for `net` (one of NETS), in eval mode on device."""
+    """The network(s) of a loaded checkpoint that label for `net` (one of NETS), in eval mode on device;
+    for load_encoder's, its BoxPrompted (it has no networks of its own)."""
+    if "encoder" in ck:
+        a = ck["encoder_arch"]
+        encoder = mal.vit(a["arch"], a["patch_size"], img_size=BOX_PROMPTED_SIZE, depth=a["depth"])
+        mal.load_pretrained(encoder, path, (dict(ck["encoder"]), {}))
+        return [BoxPrompted(encoder).eval().to(device)]
     nets = []
     for k in NETS[net]:
         util.need_keys(ck, (k,), path, "train.py checkpoint")
@@ -102,7 +162,8 @@ def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size
     if flip:  # one forward over [x; flip(x)]: bigger batches are cheaper than two calls
         x = torch.cat([x, x.flip(-1)])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        probs = [net(x).float().sigmoid() for net in nets]
+        probs = [(net(x, torch.cat([bm, bm.flip(-1)]) if flip else bm) if isinstance(net, BoxPrompted)
+                  else net(x)).float().sigmoid() for net in nets]
     prob = torch.stack(probs).mean(0)
     if flip:
         B = crops.shape[0]
@@ -258,21 +319,24 @@ class Predictor:
     of the same forward and CRF, the same pasting), so the two give the same masks:
 
         p = predictor.Predictor("runs/mine/last.pt")       # once: the networks and the checkpoint's settings
+        # or Predictor(encoder="dinov2_vits14"): no training, BoxPrompted on a pretrained encoder
         masks, scores = p.predict(image, boxes)             # H×W×3 uint8 array or PIL image; N×4 boxes, xyxy
         # masks: N booleans masks [N, H, W] at the image's size; scores: mask_score [N] (an IoU estimate)
 
     Settings (recipes.LabelSettings fields, e.g. thr=0.4, expand=0.2, flip=True, crf_refine=False)
     override the checkpoint's, as label.py's flags do. device: auto (CUDA if there is one), cpu, cuda."""
 
-    def __init__(self, ckpt, device="auto", batch_size=32, **settings):
-        ck = load_checkpoint(ckpt)
+    def __init__(self, ckpt=None, device="auto", batch_size=32, encoder=None, **settings):
+        if (ckpt is None) == (encoder is None):
+            raise TypeError("Predictor: a checkpoint or a pretrained encoder's file (encoder=), one of them")
+        ck = load_checkpoint(ckpt) if encoder is None else load_encoder(encoder)
         unknown = set(settings) - {f.name for f in dataclasses.fields(recipes.LabelSettings)}
         if unknown:
             raise TypeError(f"unknown label settings {sorted(unknown)}; see recipes.LabelSettings")
         self.settings = dataclasses.replace(recipes.checkpoint_settings(ck)[0], **settings)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                                    else device)
-        self.nets = build_nets(ck, self.settings.net, self.device, ckpt)
+        self.nets = build_nets(ck, self.settings.net, self.device, ckpt or util.pretrained_file(encoder))
         self.size, self.batch_size = input_size(self.nets), batch_size
 
     def predict(self, image, boxes):

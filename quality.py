@@ -4,6 +4,7 @@ filled box, the inscribed ellipse and the GT-mask upper bound.
   python quality.py                      # every set: train the CPU recipe, label, evaluate; one table
   python quality.py --sets nuclei demo   # some of them
   python quality.py --make-sets          # only make (or check) the sets
+  python quality.py --recipes box-prompted --no-upper   # no training: a pretrained encoder's features
 
 The sets, each made once under --root and reused:
   demo, demo-seed1   the demo generator (synthetic.make_demo) at seeds 0 and 1
@@ -208,6 +209,8 @@ def make_fluo_nuclei(root, image=None, labels=None, tile=256, min_area=30):
 # trains on its boxes (only `bbox` is read) and labels the same boxes, as a user does.
 
 PHOTOS = os.path.join(HERE, "..", "shared", "data", "coco-photos")
+# The pretrained encoder of the box-prompted row (label.py --encoder): the team's DINOv2 ViT-S/14.
+ENCODER = os.path.join(HERE, "..", "shared", "weights", "dinov2_vits14.pth")
 
 
 def make_photos(root=None, source=PHOTOS):
@@ -260,7 +263,9 @@ def paper_flags():
 
 
 # Recipes as train.py flags. `upper`: the same network trained on the GT masks (the upper bound).
-RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "upper": lambda: ["--demo", "--gt-masks"]}
+# `box-prompted`: no training; label.py --encoder labels with a pretrained encoder's features.
+RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "box-prompted": lambda: None,
+           "upper": lambda: ["--demo", "--gt-masks"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,16 +274,21 @@ RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "upper": lambda: ["
 # same; a killed one resumes.
 
 
-def run_commands(set_name, recipe, flags, paths, root, steps):
+def run_commands(set_name, recipe, flags, paths, root, steps, encoder=ENCODER):
+    """(the run's folder, train.py's command, label.py's); flags None: no training, label.py --encoder."""
     out = os.path.join(root, "runs", set_name, recipe)
+    label_cmd = [sys.executable, os.path.join(HERE, "label.py"),
+                 *(["--encoder", os.path.abspath(encoder)] if flags is None
+                   else ["--ckpt", os.path.join(out, "last.pt")]),
+                 "--json", paths["label_json"], "--images", paths["label_images"],
+                 "--out", os.path.join(out, "labels.json"), "--eval", "--quiet", "--fresh"]
+    if flags is None:
+        return out, None, label_cmd
     train_cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--train-json", paths["train_json"],
                  "--images", paths["train_images"], "--steps", str(steps),
                  "--out", out]
     if paths["val"]:  # the demo's own run validates each epoch; validation draws from the RNG
         train_cmd += ["--val-json", paths["label_json"], "--val-images", paths["label_images"]]
-    label_cmd = [sys.executable, os.path.join(HERE, "label.py"), "--ckpt", os.path.join(out, "last.pt"),
-                 "--json", paths["label_json"], "--images", paths["label_images"],
-                 "--out", os.path.join(out, "labels.json"), "--eval", "--quiet", "--fresh"]
     return out, train_cmd, label_cmd
 
 
@@ -286,7 +296,7 @@ def run(set_name, recipe, cmds, threads):
     """Train and label (or reuse the finished run): the result dict, with the minutes each took."""
     out, train_cmd, label_cmd = cmds
     done = os.path.join(out, "result.json")
-    key = {"train": train_cmd[2:], "label": label_cmd[2:]}  # the flags: the same run from another checkout
+    key = {"train": train_cmd and train_cmd[2:], "label": label_cmd[2:]}  # the flags: the same run elsewhere
     try:
         with open(done) as f:
             r = json.load(f)
@@ -307,6 +317,8 @@ def run(set_name, recipe, cmds, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     times = {}
     for what, cmd in (("train", train_cmd), ("label", label_cmd)):
+        if cmd is None:
+            continue
         if what == "train" and os.path.exists(os.path.join(out, "last.pt")):
             cmd = cmd + ["--resume"]
         t0 = time.time()
@@ -396,6 +408,8 @@ def get_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cpu_count / jobs threads")
     p.add_argument("--json", help="write the results here (default ROOT/results.json)")
     p.add_argument("--photos", default=PHOTOS, help="the photo set's folder (instances.json, images/)")
+    p.add_argument("--encoder", default=ENCODER, help="the pretrained encoder --recipes box-prompted labels "
+                                                      "with (label.py --encoder)")
     p.add_argument("--make-sets", action="store_true", help="only make the sets")
     return p.parse_args(argv)
 
@@ -413,7 +427,7 @@ def main(argv=None):
     recipes.update({name: ["--demo", *shlex.split(flags)] for name, flags in args.tries})
     if args.upper:
         recipes["upper"] = RECIPES["upper"]()
-    todo = [(s, r, run_commands(s, r, flags, paths[s], args.root, args.steps))
+    todo = [(s, r, run_commands(s, r, flags, paths[s], args.root, args.steps, args.encoder))
             for s in args.sets for r, flags in recipes.items()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results = {s: {} for s in args.sets}

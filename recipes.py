@@ -246,6 +246,11 @@ _OLD_LABEL_NAMES = {"crf_zeta": "zeta", "crf_omega": "omega", "crf_unary": "tau"
 DEMO_REFINE = dict(crf_refine=True, crf_iters=100, zeta=0.3, omega=2.0, tau=0.3)
 
 
+# label.py --encoder's settings (predictor.BoxPrompted): the mean field refines each mask as the
+# demo's checkpoints do.
+BOX_PROMPTED_LABEL = LabelSettings(crf_size=48, **DEMO_REFINE)
+
+
 def label_settings(args):
     """The LabelSettings a train.py run's checkpoints recommend: the demo's refine each mask
     (DEMO_REFINE, at the loss size); the paper's label with the network's masks as they are, and

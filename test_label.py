@@ -13,9 +13,12 @@ from pycocotools.coco import COCO
 import coco
 import evaluation
 import label
+import mal
+import predictor
 import recipes
 import synthetic
-from conftest import HERE, Pipe, interrupt, label_argv, run_py
+import util
+from conftest import HERE, Pipe, dinov2_authors_layout, interrupt, label_argv, run_py, save
 
 
 def _ious_by_hand(world, res):
@@ -211,6 +214,40 @@ def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_pat
     cfg = json.loads((tmp_path / "c.json.parts" / "fingerprint.json").read_text())
     assert {k: cfg[k] for k in ("net", "thr", "expand", "flip", "crf_refine")} == {
         k: getattr(recipes.LabelSettings(), k) for k in ("net", "thr", "expand", "flip", "crf_refine")}
+
+
+def test_an_encoder_labels_without_a_checkpoint(world, tmp_path, capsys, monkeypatch):
+    """label.py --encoder NAME: no training; a public encoder's file (a 1-block DINOv2 ViT-S/14 in its
+    authors' layout, random here, where torch.hub's cache keeps dinov2_vits14) labels every labelable box
+    through predictor.BoxPrompted with recipes.BOX_PROMPTED_LABEL; the parts are the file's; --ckpt and
+    --encoder exclude each other; an unknown name is one line."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    path = os.path.join(util.pretrained_cache(), os.path.basename(recipes.PRETRAINED["dinov2_vits14"]))
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(0)
+    save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), path)
+    argv = label_argv(world, tmp_path / "a.json", "--keep-parts", "--eval")
+    at = argv.index("--ckpt")
+    argv[at:at + 2] = ["--encoder", "dinov2_vits14"]
+    label.main(argv)
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert sum("segmentation" in a for a in res["annotations"]) == 14
+    assert (tmp_path / "a.eval.json").exists()
+    cfg = json.loads((tmp_path / "a.json.parts" / "fingerprint.json").read_text())
+    want = recipes.BOX_PROMPTED_LABEL
+    assert cfg["ckpt_sha256"] == label.file_sha256(path) and cfg["crf_refine"] and \
+        (cfg["crf_size"], cfg["zeta"], cfg["tau"]) == (want.crf_size, want.zeta, want.tau)
+    assert f"{want.describe()}; --encoder's settings\n" in capsys.readouterr().err
+    p = predictor.Predictor(encoder=path, device="cpu")
+    assert isinstance(p.nets[0], predictor.BoxPrompted) and p.size == predictor.BOX_PROMPTED_SIZE
+    neither = [a for a in argv if a not in ("dinov2_vits14", "--encoder")]
+    for bad, msg in (([*argv, "--ckpt", str(world / "tiny.pt")], "--ckpt or --encoder, not both"),
+                     (neither, "--ckpt (or --encoder) needed")):
+        with pytest.raises(SystemExit):
+            label.main(bad)
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^label.py: --encoder dinov3_vits16: neither a file nor a known "):
+        label.main([a if a != "dinov2_vits14" else "dinov3_vits16" for a in argv])
 
 
 def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_path, capsys):

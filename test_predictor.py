@@ -37,6 +37,40 @@ def test_oracle_masks_land_where_the_objects_are(tmp_path, flip, crf):
         assert np.abs(np.argwhere(got).mean(0) - np.argwhere(m).mean(0)).max() < 0.5
 
 
+class ColourEncoder(torch.nn.Module):
+    """Stands in for a pretrained encoder: each 8 px patch's features are its mean colour."""
+
+    patch_size = 8
+
+    def forward(self, x):
+        return F.avg_pool2d(x, 8)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_box_prompted_masks_what_looks_like_the_box_s_centre(tmp_path, flip):
+    """BoxPrompted, no training: a cross, which its inscribed ellipse fits badly, and a disc, each the
+    colour of nothing outside its box, are masked as themselves (at the coarse patches' resolution)."""
+    H, W = 96, 112
+    yy, xx = np.mgrid[:H, :W]
+    cross = ((abs(xx - 40) < 8) & (abs(yy - 48) < 32)) | ((abs(yy - 48) < 8) & (abs(xx - 40) < 32))
+    round_ = disc(H, W, 92, 24, 14)
+    pix = np.full((H, W, 3), 128, np.uint8)
+    pix[cross], pix[round_] = (230, 40, 40), (40, 60, 220)
+    Image.fromarray(pix).save(tmp_path / "a.png")
+    images = [dict(id=1, file_name="a.png", width=W, height=H)]
+    objs = [cross, round_]
+    todo = {1: [dict(id=k + 1, bbox=bbox(m)) for k, m in enumerate(objs)]}
+    settings = recipes.LabelSettings(flip=flip)
+    nets = [predictor.BoxPrompted(ColourEncoder())]
+    res = predictor.label_dataset(nets, images, todo, str(tmp_path), "cpu", settings, batch_size=2, size=128)
+    for k, m in enumerate(objs):
+        got = mask_utils.decode(coco.to_bytes(res[k + 1]["segmentation"])).astype(bool)
+        x, y, w, h = bbox(m)
+        ell = ((xx + 0.5 - x - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - y - h / 2) / (h / 2)) ** 2 <= 1
+        iou, ell_iou = ((got & m).sum() / (got | m).sum() for got in (got, ell))
+        assert iou > 0.8 and iou > min(ell_iou + 0.25, 0.9), (k, iou, ell_iou)
+
+
 def test_mask_score_of_hand_made_masks():
     """1 for a sure mask that fills every row and column of its box and nothing outside it; less for one
     that spills over the box, misses half the object, or hesitates."""

@@ -3,6 +3,7 @@ the quality guard: MAL, trained briefly, beats the inscribed ellipse on shapes a
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ from pycocotools import mask as mask_utils
 
 import evaluation
 import label
+import mal
 import quality
 import train
-from conftest import bbox, rle_of
+from conftest import bbox, dinov2_authors_layout, rle_of, save
 
 
 def test_fill_holes_fills_enclosed_background_only():
@@ -189,6 +191,25 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     mtime = os.path.getmtime(log)
     quality.main(argv)  # the finished run is reused
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
+
+
+def test_the_box_prompted_row_trains_nothing_and_labels_with_the_encoder(tiny_set, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
+    torch.manual_seed(0)
+    enc = save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), tmp_path / "enc.pth")
+    quality.main(["--sets", "tiny", "--recipes", "box-prompted", "--no-upper", "--encoder", enc,
+                  "--root", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(row) == 1 and "| box-prompted |" in row[0] and re.search(r"\| 0\.0 \+ \d+\.\d \|$", row[0])
+    r = json.load(open(tmp_path / "r.json"))["results"]["tiny"]["box-prompted"]
+    label_cmd = r["commands"]["label"]
+    assert r["commands"]["train"] is None and label_cmd[label_cmd.index("--encoder") + 1] == enc
+    run = tmp_path / "runs" / "tiny" / "box-prompted"
+    assert not (run / "train.log").exists() and not (run / "last.pt").exists()
+    assert set(r["minutes"]) == {"label"}
+    ref = evaluation.evaluate(json.load(open(tiny_set["val_json"])), json.load(open(run / "labels.json")))
+    assert r["eval"]["miou"] == pytest.approx(ref["miou"]) and r["eval"]["n"] == ref["n"] > 0
 
 
 def test_score_catch_is_the_bad_masks_share_in_the_lowest_tenth():

@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -106,43 +105,15 @@ def check_inputs(args):
                       f"under {folder}; their boxes will be skipped", file=sys.stderr)
 
 
-def pretrained_cache():
-    """Where the named encoders are kept: torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def pretrained_file(init, download=True):
-    """The local file of --init: a path as it is, or a recipes.PRETRAINED name's file in pretrained_cache(),
-    downloaded first when absent (download=False: only looked up). A one-line error for a name that
-    is neither, and, when the download fails (no network), one that says which file to fetch and where
-    to put it."""
-    if os.path.exists(init) or init not in recipes.PRETRAINED:
-        if not os.path.exists(init) and os.sep not in init and not init.endswith((".pth", ".pt")):
-            raise util.InputError(f"{init}: neither a file nor a known encoder "
-                                  f"({', '.join(recipes.PRETRAINED)})")
-        return init
-    url = recipes.PRETRAINED[init]
-    path = os.path.join(pretrained_cache(), os.path.basename(url))
-    if os.path.exists(path) or not download:
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, path, progress=True)  # to a temporary file, then renamed
-    except (OSError, urllib.error.URLError) as e:
-        raise util.InputError(f"{init}: cannot download {url} ({getattr(e, 'reason', e)}); fetch it on a "
-                              f"machine that is online and put it at {path}") from None
-    return path
-
-
 def encoder_from_init(args, d):
     """--init's file (a named encoder is downloaded by rank 0 first) and the encoder it holds: --arch,
     --patch-size and --depth left unset take the weights'; given, they must agree (--depth may keep
     fewer blocks than the weights have). Returns the weights as mal.read_pretrained reads them, read
     once for make_model."""
     if d.rank == 0:
-        pretrained_file(args.init)
+        util.pretrained_file(args.init)
     util.barrier(d)
-    args.init = pretrained_file(args.init, download=False)
+    args.init = util.pretrained_file(args.init, download=False)
     try:
         weights = mal.read_pretrained(args.init)
         found = mal.pretrained_arch(weights[0], args.init)

@@ -16,12 +16,15 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.error
 import warnings
 import zipfile
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+import recipes
 
 
 class InputError(ValueError):
@@ -656,3 +659,34 @@ def duration(seconds):
     """Seconds in words a person reads at a glance: 45 s, 12 min, 7.5 h."""
     return (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
             else f"{seconds / 3600:.1f} h")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public pretrained encoders by name (recipes.PRETRAINED), kept in torch.hub's cache
+
+
+def pretrained_cache():
+    """Where the named encoders are kept: torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def pretrained_file(init, download=True):
+    """The local file of train.py --init and label.py --encoder: a path as it is, or a recipes.PRETRAINED
+    name's file in pretrained_cache(), downloaded first when absent (download=False: only looked up).
+    A one-line error for a name that is neither, and, when the download fails (no network), one that
+    says which file to fetch and where to put it."""
+    if os.path.exists(init) or init not in recipes.PRETRAINED:
+        if not os.path.exists(init) and os.sep not in init and not init.endswith((".pth", ".pt")):
+            raise InputError(f"{init}: neither a file nor a known encoder ({', '.join(recipes.PRETRAINED)})")
+        return init
+    url = recipes.PRETRAINED[init]
+    path = os.path.join(pretrained_cache(), os.path.basename(url))
+    if os.path.exists(path) or not download:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, progress=True)  # to a temporary file, then renamed
+    except (OSError, urllib.error.URLError) as e:
+        raise InputError(f"{init}: cannot download {url} ({getattr(e, 'reason', e)}); fetch it on a "
+                         f"machine that is online and put it at {path}") from None
+    return path
