@@ -65,6 +65,16 @@ def test_init_decides_the_encoder_and_a_mismatch_is_one_line(tiny_set, tmp_path)
         with pytest.raises(util.InputError, match=re.escape(why)) as e:
             train.encoder_from_init(train.get_args(base + extra), ONE_RANK)
         assert "\n" not in str(e.value)
+    # --demo's 96 px is no whole number of DINOv2's 14 px patches: one line, before any step
+    args = train.get_args(base)
+    train.encoder_from_init(args, ONE_RANK)
+    why = ("--img-size 96 is not a multiple of the encoder's patch, 14 px (vit_small_dinov2): "
+           "use --img-size 84 or 98")
+    with pytest.raises(util.InputError, match=re.escape(why)):
+        train.check_inputs(args)
+    args = train.get_args(base + ["--img-size", "98"])
+    train.encoder_from_init(args, ONE_RANK)
+    train.check_inputs(args)
 
 
 def test_init_by_name_downloads_once_into_torch_hub_s_cache(tiny_set, tmp_path, monkeypatch):

@@ -84,7 +84,13 @@ def get_args(argv=None):
 
 def check_inputs(args):
     """Everything the run reads, checked before the first step: the JSON files parse and hold their
-    keys, the image folders exist and hold the listed images (counted), the checkpoints load."""
+    keys, the image folders exist and hold the listed images (counted), the checkpoints load; and the
+    crop size is a whole number of the encoder's patches."""
+    patch = args.patch_size or mal.VIT_CONFIGS[args.arch]["patch_size"]
+    if args.img_size % patch:  # the patch embedding would drop the crop's last rows and columns
+        lo = args.img_size // patch * patch
+        raise util.InputError(f"--img-size {args.img_size} is not a multiple of the encoder's patch, "
+                              f"{patch} px ({args.arch}): use --img-size {lo or patch} or {lo + patch}")
     for flag, path in (("--images", args.images), ("--val-images", args.val_images)):
         if path and not os.path.isdir(path):
             raise util.InputError(f"{flag} {path}: no such image folder")
