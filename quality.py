@@ -209,8 +209,11 @@ def make_fluo_nuclei(root, image=None, labels=None, tile=256, min_area=30):
 # trains on its boxes (only `bbox` is read) and labels the same boxes, as a user does.
 
 PHOTOS = os.path.join(HERE, "..", "shared", "data", "coco-photos")
-# The pretrained encoder of the box-prompted row (label.py --encoder): the team's DINOv2 ViT-S/14.
+# The pretrained encoder of the box-prompted row (label.py --encoder): the team's DINOv2 ViT-S/14 beside
+# the clone where there is one (QUALITY.md's figures), else the authors' release, downloaded once.
 ENCODER = os.path.join(HERE, "..", "shared", "weights", "dinov2_vits14.pth")
+if not os.path.exists(ENCODER):
+    ENCODER = "dinov2_vits14"
 
 
 def make_photos(root=None, source=PHOTOS):
@@ -277,9 +280,10 @@ RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "box-prompted": lam
 def run_commands(set_name, recipe, flags, paths, root, steps, encoder=ENCODER):
     """(the run's folder, train.py's command, label.py's); flags None: no training, label.py --encoder."""
     out = os.path.join(root, "runs", set_name, recipe)
+    if os.path.exists(encoder):  # a file, not a public encoder's name
+        encoder = os.path.abspath(encoder)
     label_cmd = [sys.executable, os.path.join(HERE, "label.py"),
-                 *(["--encoder", os.path.abspath(encoder)] if flags is None
-                   else ["--ckpt", os.path.join(out, "last.pt")]),
+                 *(["--encoder", encoder] if flags is None else ["--ckpt", os.path.join(out, "last.pt")]),
                  "--json", paths["label_json"], "--images", paths["label_images"],
                  "--out", os.path.join(out, "labels.json"), "--eval", "--quiet", "--fresh"]
     if flags is None:
@@ -409,7 +413,8 @@ def get_args(argv=None):
     p.add_argument("--json", help="write the results here (default ROOT/results.json)")
     p.add_argument("--photos", default=PHOTOS, help="the photo set's folder (instances.json, images/)")
     p.add_argument("--encoder", default=ENCODER, help="the pretrained encoder --recipes box-prompted labels "
-                                                      "with (label.py --encoder)")
+                                                      "with (label.py --encoder: a file or a public "
+                                                      "encoder's name)")
     p.add_argument("--make-sets", action="store_true", help="only make the sets")
     return p.parse_args(argv)
 
