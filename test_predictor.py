@@ -67,7 +67,7 @@ def test_box_prompted_masks_what_looks_like_the_box_s_centre(tmp_path, flip):
         got = mask_utils.decode(coco.to_bytes(res[k + 1]["segmentation"])).astype(bool)
         x, y, w, h = bbox(m)
         ell = ((xx + 0.5 - x - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - y - h / 2) / (h / 2)) ** 2 <= 1
-        iou, ell_iou = ((got & m).sum() / (got | m).sum() for got in (got, ell))
+        iou, ell_iou = ((a & m).sum() / (a | m).sum() for a in (got, ell))
         assert iou > 0.8 and iou > min(ell_iou + 0.25, 0.9), (k, iou, ell_iou)
 
 

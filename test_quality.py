@@ -193,6 +193,7 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
 
 
+@pytest.mark.slow
 def test_the_box_prompted_row_trains_nothing_and_labels_with_the_encoder(tiny_set, tmp_path, monkeypatch,
                                                                         capsys):
     monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
