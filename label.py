@@ -274,7 +274,7 @@ def label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts,
     and their boxes are read from the index as the loader reaches them. On SIGINT or SIGTERM (stop), the
     boxes done in the chunk at hand go to its .partial.json, all but less than a batch, and a rerun
     labels only the rest."""
-    nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt or args.encoder)
+    nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt)
     kept = {k: read_results(partial_path(parts, k)) for k in mine}
     todo = labelable.copy()
     done = [a for r in kept.values() for a in r]
@@ -419,7 +419,7 @@ def write_extras(args, d, ck, index):
             out = util.read_json(args.out, "--out")
             gt = util.read_json(args.json if index.kind == "instances" else args.images_json, "GT JSON")
             r = evaluation.evaluate(gt, out, match_ids=index.kind == "instances")
-            net = predictor.build_nets(ck, "task", d.device, args.ckpt or args.encoder)[0]
+            net = predictor.build_nets(ck, "task", d.device, args.ckpt)[0]
             r["clustering_score"], r["clustering_tokens"] = evaluation.clustering(net, gt, args.images,
                                                                                   d.device)
             util.write_json(util.side_file(args.out, ".eval.json"), r)

@@ -33,7 +33,7 @@ def load_encoder(path):
     settings (recipes.BOX_PROMPTED_LABEL)."""
     path = util.pretrained_file(path)
     enc, _ = mal.read_pretrained(path)
-    return {"encoder": enc, "encoder_arch": mal.pretrained_arch(enc, path),
+    return {"encoder": enc, "encoder_arch": mal.pretrained_arch(enc, path), "encoder_file": path,
             "label_settings": dataclasses.asdict(recipes.BOX_PROMPTED_LABEL)}
 
 
@@ -91,7 +91,7 @@ def build_nets(ck, net, device, path="checkpoint"):
     if "encoder" in ck:
         a = ck["encoder_arch"]
         encoder = mal.vit(a["arch"], a["patch_size"], img_size=BOX_PROMPTED_SIZE, depth=a["depth"])
-        mal.load_pretrained(encoder, path, (dict(ck["encoder"]), {}))
+        mal.load_pretrained(encoder, ck["encoder_file"], (dict(ck["encoder"]), {}))
         return [BoxPrompted(encoder).eval().to(device)]
     nets = []
     for k in NETS[net]:
@@ -336,7 +336,7 @@ class Predictor:
         self.settings = dataclasses.replace(recipes.checkpoint_settings(ck)[0], **settings)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                                    else device)
-        self.nets = build_nets(ck, self.settings.net, self.device, ckpt or util.pretrained_file(encoder))
+        self.nets = build_nets(ck, self.settings.net, self.device, ckpt)
         self.size, self.batch_size = input_size(self.nets), batch_size
 
     def predict(self, image, boxes):
