@@ -1,9 +1,11 @@
 """label.py: a mask for every box. Turns COCO boxes (ground truth or detector output) into a COCO
 instances JSON with an RLE mask per box, using a trained MAL checkpoint, or with --encoder, no
-training, a pretrained encoder's features and the box alone (predictor.BoxPrompted; photos on a CPU).
+training, a pretrained encoder's features and the box alone (predictor.BoxPrompted), or with both,
+whichever of the two labels the boxes better by its masks' mask_score (the encoder on photos).
 
   python label.py --ckpt demo/run/last.pt --json boxes.json --images DIR --out labels.json [--eval]
   python label.py --encoder dinov2_vits14 --json boxes.json --images DIR --out labels.json
+  python label.py --ckpt demo/run/last.pt --encoder dinov2_vits14 ...   # the better of the two, chosen
   torchrun --nproc_per_node 8 label.py ...          # shards images over ranks; rank 0 merges
   python label.py                                   # the demo: label demo/data's val set, evaluate
 
@@ -63,6 +65,13 @@ SETTINGS = ("expand", "thr", "flip", "crf_refine")  # LabelSettings' fields with
 # Files: the fingerprint of a parts folder, its chunks, the side files of OUT
 
 
+# --ckpt with --encoder: the labeler is chosen on this many of the boxes (all of them, where fewer); the
+# encoder labels where its masks' mean mask_score is at least ENCODER_MARGIN above the trained network's.
+# Its scores run high against the network's (QUALITY.md), and a wrong choice of it costs more than a
+# wrong choice of the network: 0.16 mIoU on the demo set against 0.05 on the photos.
+CHOICE_BOXES = 512
+ENCODER_MARGIN = 0.02
+
 # Options that change the labels; a parts folder made with other values must not be merged.
 FINGERPRINT_OPTS = ("net", "expand", "thr", "flip", "crf_refine", "crf_iters", "crf_size", "zeta", "omega",
                     "tau", "score_thr", "chunk_images")
@@ -76,10 +85,13 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def fingerprint(args, device):
+def fingerprint(args, device, encoder_settings=None):
     cfg = {k: getattr(args, k) for k in FINGERPRINT_OPTS}
     if not args.crf_refine:
         cfg["crf_iters"] = 0  # no refinement: its iteration count does not matter
+    if encoder_settings is not None:  # --ckpt with --encoder: either may label (the choice: labeler.json)
+        cfg["encoder_sha256"] = file_sha256(args.encoder)
+        cfg["encoder_settings"] = dataclasses.asdict(encoder_settings)
     cfg["mask_score"] = predictor.MASK_SCORE  # parts scored otherwise (or not at all) do not mix with these
     cfg["device"] = torch.device(device).type  # cpu float32 and cuda bf16 give different pixels
     cfg["ckpt_sha256"] = file_sha256(args.ckpt or args.encoder)
@@ -146,8 +158,6 @@ def get_args(argv):
         recipes.LabelSettings().updated(args.recipe)
     except ValueError as e:
         p.error(f"--recipe {e}")
-    if args.ckpt and args.encoder:
-        p.error("--ckpt or --encoder, not both")
     missing = ([] if args.ckpt or args.encoder else ["--ckpt (or --encoder)"]) + [
         f"--{k.replace('_', '-')}" for k in ("json", "images", "out") if getattr(args, k) is None]
     if missing:
@@ -209,17 +219,18 @@ def check_inputs(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
 
-def resolve_settings(args, ck):
-    """The LabelSettings to label with: each flag or --recipe item given wins over the checkpoint's own;
-    said in one line."""
+def resolve_settings(args, ck, record=True):
+    """The LabelSettings to label with: each flag or --recipe item given wins over the checkpoint's own
+    (or the encoder's, load_encoder's ck); said in one line. record: the fingerprint reads them off args."""
     saved, recommended = recipes.checkpoint_settings(ck)
     given = [k for k in SETTINGS if getattr(args, k) is not None]
     settings = dataclasses.replace(saved, **{k: getattr(args, k) for k in given}).updated(args.recipe)
-    for f in dataclasses.fields(settings):  # the fingerprint reads them off args
-        setattr(args, f.name, getattr(settings, f.name))
+    if record:
+        for f in dataclasses.fields(settings):
+            setattr(args, f.name, getattr(settings, f.name))
     given = [f"--{k.replace('_', '-')}" for k in given] + [f"--recipe {item}" for item in args.recipe]
-    whose = "--encoder's settings" if args.encoder else "from the checkpoint's recipe"
-    print(f"label.py: {settings.describe()}"
+    whose = "--encoder's settings" if "encoder" in ck else "from the checkpoint's recipe"
+    print(f"label.py: {'--encoder: ' if 'encoder' in ck and args.ckpt else ''}{settings.describe()}"
           + (f"; {whose} except {', '.join(given)}" if given else f"; {whose}" if recommended else ""),
           file=sys.stderr)
     return settings
@@ -229,10 +240,10 @@ def resolve_settings(args, ck):
 # The run: label this rank's chunks, merge on rank 0, write OUT and its side files.
 
 
-def open_parts(args, d, n_chunks):
+def open_parts(args, d, n_chunks, encoder_settings=None):
     """OUT.parts/, made (or checked to be) this configuration's; the chunks already done."""
     parts = args.out + ".parts"
-    cfg = fingerprint(args, d.device)
+    cfg = fingerprint(args, d.device, encoder_settings)
     if d.rank == 0:  # one configuration per parts folder: rank 0 records it, every rank checks it
         if args.fresh and os.path.isdir(parts):
             shutil.rmtree(parts)
@@ -267,6 +278,51 @@ def select_boxes(args, d):
     labelable = kept & index.labelable()
     img_rows = np.unique(index.ann_img_row[labelable])
     return index, kept, labelable, img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
+
+
+def choose_labeler(args, d, labelers, index, labelable, parts):
+    """--ckpt with --encoder: which of labelers {"network": (ck, settings), "encoder": (ck, settings)}
+    labels the boxes, by their masks' mean mask_score (an estimate of their IoU; the encoder's must be
+    ENCODER_MARGIN higher) on up to CHOICE_BOXES of the boxes spread evenly over them, both scored on the
+    network's CRF grid (on its coarser patch grid the encoder's masks would score higher than the same
+    masks on a finer one); and that comparison. Rank 0 labels the sample with each and keeps the choice
+    in the parts folder, so that every rank and a resumed run label with the same one. On photos the
+    encoder's masks score higher, on the synthetic and microscopy sets the trained network's: each where
+    its masks are the better ones (QUALITY.md)."""
+    path = os.path.join(parts, "labeler.json")
+    if d.rank == 0 and not os.path.exists(path):
+        rows = np.flatnonzero(labelable)
+        sample = np.zeros_like(labelable)
+        sample[rows[np.unique(np.linspace(0, len(rows) - 1, min(CHOICE_BOXES, len(rows))).round()
+                              .astype(np.int64))] if len(rows) else []] = True
+        img_rows = np.unique(index.ann_img_row[sample])
+        img_rows = img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
+        score = {}
+        for name, (ck, settings) in labelers.items():
+            nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt)
+            prog = Progress(len(img_rows), int(sample.sum()), f"choose: {name}", quiet=args.quiet)
+            stream = predictor.LabelStream(nets, settings, d.device, batch_size=args.batch_size,
+                                           threads=args.threads, progress=prog,
+                                           score_size=labelers["network"][1].crf_size)
+            scores = [r["mask_score"] for _, res in stream.run(coco.ImageEntries(index, img_rows),
+                                                                coco.BoxesByImage(index, sample), args.images,
+                                                                workers=args.workers)
+                      for r in res.values() if "mask_score" in r]
+            prog.update(force=True)
+            score[name], scored = (float(np.mean(scores)) if scores else 0.0), len(scores)
+        best = "encoder" if score["encoder"] >= score["network"] + ENCODER_MARGIN else "network"
+        util.write_json(path, {"labeler": best, "boxes": scored, "mean_mask_score": score,
+                               "encoder_margin": ENCODER_MARGIN})
+    util.barrier(d)
+    with open(path) as f:
+        choice = json.load(f)
+    if d.rank == 0:
+        score, which = choice["mean_mask_score"], choice["labeler"]
+        print(f"label.py: labeling with the {'--encoder' if which == 'encoder' else 'trained network'}: "
+              f"mean mask_score on {choice['boxes']} of the boxes {score['encoder']:.3f} for --encoder's "
+              f"masks, {score['network']:.3f} for the network's (the encoder labels from "
+              f"{ENCODER_MARGIN:g} higher)", file=sys.stderr, flush=True)
+    return choice
 
 
 def label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts, stop):
@@ -356,8 +412,9 @@ def unlabeled_name(ann_id, reason):
     return f"{os.path.basename(head)}: {why}" if why and os.sep in head else f"box {ann_id}: {reason}"
 
 
-def write_outputs(args, index, kept, labelable, results):
-    """OUT, OUT.review.json and OUT.report.json, each written entry by entry; returns the report's summary
+def write_outputs(args, index, kept, labelable, results, choice=None):
+    """OUT, OUT.review.json and OUT.report.json, each written entry by entry (choice: choose_labeler's,
+    in the report's summary); returns the report's summary
     and the first NAMED_UNLABELED distinct unlabeled reasons (unlabeled_name) with their box counts
     ({name: count}, in output order; one more key, None, when there are further reasons)."""
     dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -390,6 +447,8 @@ def write_outputs(args, index, kept, labelable, results):
                    "filtered_by_score": len(index) - n_boxes}
         if given:
             summary["unlabeled_masks"] = dict(given)
+        if choice is not None:
+            summary["labeler"] = choice
         with util.atomic_file(util.side_file(args.out, ".report.json"), "w") as g:
             g.write('{"summary":' + dumps(summary) + ',"unlabeled":[')
             spool.seek(0)
@@ -424,7 +483,7 @@ def write_extras(args, d, ck, index):
                                                                                   d.device)
             util.write_json(util.side_file(args.out, ".eval.json"), r)
             print(evaluation.format_eval(r))
-            whose = "--encoder's" if args.encoder else "the task network's encoder"
+            whose = "--encoder's" if "encoder" in ck else "the task network's encoder"
             print(f"clustering score (Eq. 6) of {whose} on the GT boxes: "
                   f"{r['clustering_score']:.4f} over {r['clustering_tokens']} tokens "
                   f"(lower: FG and BG apart)", flush=True)  # before the summary line, which ends the output
@@ -448,11 +507,18 @@ def summary_line(args, s, named, t0):
             + ("; --strict: exit status 3" if args.strict and s["unlabeled"] else ""))
 
 
-def run(args, d, ck, settings, t0, stop):
-    """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0)."""
+def run(args, d, ck, settings, t0, stop, encoder=None):
+    """Label, merge on rank 0, write OUT and its side files; the number of unlabeled boxes (0 off rank 0).
+    encoder: (ck, settings) of --encoder with --ckpt; the better of the two labels (choose_labeler)."""
     index, kept, labelable, img_rows = select_boxes(args, d)
     n_chunks = -(-len(img_rows) // args.chunk_images)
-    parts, done = open_parts(args, d, n_chunks)
+    parts, done = open_parts(args, d, n_chunks, encoder and encoder[1])
+    choice = None
+    if encoder is not None:
+        choice = choose_labeler(args, d, {"network": (ck, settings), "encoder": encoder}, index, labelable,
+                                parts)
+        if choice["labeler"] == "encoder":
+            ck, settings = encoder
     mine = [k for k in range(n_chunks) if k not in done][d.rank::d.world]
     if mine:
         label_chunks(args, d, ck, settings, index, labelable, img_rows, mine, parts, stop)
@@ -460,7 +526,7 @@ def run(args, d, ck, settings, t0, stop):
     if d.rank != 0:
         return 0
     with ChunkResults(index, labelable, n_chunks, parts) as results:
-        summary, named = write_outputs(args, index, kept, labelable, results)
+        summary, named = write_outputs(args, index, kept, labelable, results, choice)
     if not args.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     if args.eval or args.vis or args.review or args.format != "coco":
@@ -486,9 +552,13 @@ def main(argv=None):
             # once; a checkpoint mapped, each network read from it
             ck = (predictor.load_checkpoint(args.ckpt, mmap=True) if args.ckpt
                   else predictor.load_encoder(args.encoder))
+            encoder = None
+            if args.ckpt and args.encoder:  # either may label: choose_labeler
+                enc = predictor.load_encoder(args.encoder)
+                encoder = (enc, resolve_settings(args, enc, record=False))
             settings = resolve_settings(args, ck)
             d = util.setup_distributed(args.device, args.dist_timeout)
-            n_unlabeled = run(args, d, ck, settings, t0, stop)
+            n_unlabeled = run(args, d, ck, settings, t0, stop, encoder)
         except util.InputError as e:
             util.fail("label.py", e)
         finally:

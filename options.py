@@ -102,9 +102,10 @@ def label_parser():
                     "--review 8 --eval; output demo/labels.json).")
     g = p.add_argument_group("input and output").add_argument
     g("--ckpt", help="train.py checkpoint (e.g. RUN/last.pt); needed unless the demo or --encoder")
-    g("--encoder", help="instead of --ckpt, no training: masks from this pretrained ViT encoder's features "
-                        "and the box alone; a file or a public encoder's name, as train.py --init takes "
-                        "(e.g. dinov2_vits14, for photos on a CPU: README)")
+    g("--encoder", help="a pretrained ViT encoder: masks from its features and the box alone, no training; a "
+                        "file or a public encoder's name, as train.py --init takes (e.g. dinov2_vits14). "
+                        "With --ckpt, whichever of the two scores higher (mean mask_score) on a sample of "
+                        "the boxes labels them all: the encoder on photos (README)")
     g("--json", help="COCO instances JSON (GT boxes) or COCO results list; needed unless the demo")
     g("--images", help="image folder (file_name is relative to it); needed unless the demo")
     g("--images-json", help="for a results list: JSON with the image entries (its categories are copied; "

@@ -151,12 +151,14 @@ def mask_score(prob, box_mask, refined=None, refined_box=None):
 
 @torch.inference_mode()
 def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size=128, zeta=0.5, omega=2.0,
-            tau=1.0):
+            tau=1.0, score_size=None):
     """uint8 crops [B,3,S,S] and box masks [B,S,S] (pinned, on CPU) -> (mask probabilities [B,h,w],
     mask_score [B]), float32 on `device`. The mean of sigmoid(logits) over the nets (and their horizontal
     flips), optionally CRF-refined (crf_iters > 0: the mean field with ζ, ω and the unary weight τ of
-    objective.weak_unary, at crf_size); mask_score from the network's and the refined probabilities.
-    A net is any callable: normalised float [B,3,S,S] -> logits [B,h,w] (tests inject oracles)."""
+    objective.weak_unary, at crf_size); mask_score from the network's probabilities (at its own
+    resolution, or resampled to score_size: scores of networks with other output grids compare there)
+    and the refined ones. A net is any callable: normalised float [B,3,S,S] -> logits [B,h,w] (tests
+    inject oracles)."""
     x = data.normalize(crops.to(device, non_blocking=True))
     bm = box_masks.to(device, non_blocking=True).float()
     if flip:  # one forward over [x; flip(x)]: bigger batches are cheaper than two calls
@@ -168,7 +170,9 @@ def predict(nets, crops, box_masks, device, *, flip=False, crf_iters=0, crf_size
     if flip:
         B = crops.shape[0]
         prob = (prob[:B] + prob[B:].flip(-1)) / 2
-    net_prob, net_bm = prob, F.adaptive_max_pool2d(bm[:, None], prob.shape[-2:])[:, 0]
+    net_prob = prob if score_size is None else F.interpolate(prob[:, None], size=(score_size, score_size),
+                                                             mode="bilinear", align_corners=False)[:, 0]
+    net_bm = F.adaptive_max_pool2d(bm[:, None], net_prob.shape[-2:])[:, 0]
     if not crf_iters:
         return prob, mask_score(net_prob, net_bm)
     # The CRF sees the crop as in training: image area-down, box max-pooled to crf_size.
@@ -215,9 +219,10 @@ class LabelStream:
     run() yields what is done (the open group's boxes whose batch has run: all but less than a batch,
     its key then in self.partial) and ends."""
 
-    def __init__(self, nets, settings, device, *, size=None, batch_size=32, threads=4, progress=None):
+    def __init__(self, nets, settings, device, *, size=None, batch_size=32, threads=4, progress=None,
+                 score_size=None):
         self.nets = nets if isinstance(nets, (list, tuple)) else [nets]
-        self.settings, self.device = settings, torch.device(device)
+        self.settings, self.device, self.score_size = settings, torch.device(device), score_size
         self.size, self.batch_size, self.threads, self.progress = (size or input_size(self.nets), batch_size,
                                                                    threads, progress)
 
@@ -277,7 +282,8 @@ class LabelStream:
         torch.stack([it[0] for it in items], out=crops)
         bms = torch.empty((len(items), S, S), dtype=torch.bool, pin_memory=cuda)
         torch.stack([it[1] for it in items], out=bms)
-        prob, score = predict(self.nets, crops, bms, self.device, **self.settings.predict_kw())
+        prob, score = predict(self.nets, crops, bms, self.device, **self.settings.predict_kw(),
+                              score_size=self.score_size)
         if cuda:  # async copy into pinned memory; the paste thread waits on the event, not us
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (prob, score)]
             for h, t in zip(host, (prob, score)):

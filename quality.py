@@ -5,6 +5,7 @@ filled box, the inscribed ellipse and the GT-mask upper bound.
   python quality.py --sets nuclei demo   # some of them
   python quality.py --make-sets          # only make (or check) the sets
   python quality.py --recipes box-prompted --no-upper   # no training: a pretrained encoder's features
+  python quality.py --recipes demo+encoder --no-upper   # the demo's network or the encoder, the better
 
 The sets, each made once under --root and reused:
   demo, demo-seed1   the demo generator (synthetic.make_demo) at seeds 0 and 1
@@ -267,8 +268,10 @@ def paper_flags():
 
 # Recipes as train.py flags. `upper`: the same network trained on the GT masks (the upper bound).
 # `box-prompted`: no training; label.py --encoder labels with a pretrained encoder's features.
+# `demo+encoder`: the demo's, labeled by label.py --ckpt with --encoder: the better of the two labels.
 RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "box-prompted": lambda: None,
-           "upper": lambda: ["--demo", "--gt-masks"]}
+           "demo+encoder": lambda: ["--demo"], "upper": lambda: ["--demo", "--gt-masks"]}
+WITH_ENCODER = ("box-prompted", "demo+encoder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,12 +281,14 @@ RECIPES = {"demo": lambda: ["--demo"], "paper": paper_flags, "box-prompted": lam
 
 
 def run_commands(set_name, recipe, flags, paths, root, steps, encoder=ENCODER):
-    """(the run's folder, train.py's command, label.py's); flags None: no training, label.py --encoder."""
+    """(the run's folder, train.py's command, label.py's); flags None: no training. The WITH_ENCODER
+    recipes label with --encoder (and --ckpt, where they train)."""
     out = os.path.join(root, "runs", set_name, recipe)
     if os.path.exists(encoder):  # a file, not a public encoder's name
         encoder = os.path.abspath(encoder)
     label_cmd = [sys.executable, os.path.join(HERE, "label.py"),
-                 *(["--encoder", encoder] if flags is None else ["--ckpt", os.path.join(out, "last.pt")]),
+                 *([] if flags is None else ["--ckpt", os.path.join(out, "last.pt")]),
+                 *(["--encoder", encoder] if recipe in WITH_ENCODER else []),
                  "--json", paths["label_json"], "--images", paths["label_images"],
                  "--out", os.path.join(out, "labels.json"), "--eval", "--quiet", "--fresh"]
     if flags is None:
@@ -335,6 +340,10 @@ def run(set_name, recipe, cmds, threads):
     with open(os.path.join(out, "labels.eval.json")) as f:
         ev = json.load(f)
     r = dict(commands=key, minutes=times, threads=threads, eval=ev)
+    with open(os.path.join(out, "labels.report.json")) as f:
+        choice = json.load(f)["summary"].get("labeler")  # --ckpt with --encoder: which labeled, and why
+    if choice:
+        r["labeler"] = choice
     util.atomic_write(done, json.dumps(r, indent=1).encode())
     return r
 
@@ -383,7 +392,8 @@ def table(results, recipes):
             ratio = f"{100 * ev['miou'] / ub:.0f}%" if ub else "-"
             mins = (f"{r['minutes'].get('train', 0):.1f} + {r['minutes'].get('label', 0):.1f}" if r["minutes"]
                     else "reused")
-            lines.append(f"| {set_name} | {boxes} | {recipe} | {_sml(ev)} | {_f(ev.get('ap'))} "
+            by = f" ({r['labeler']['labeler']})" if "labeler" in r else ""
+            lines.append(f"| {set_name} | {boxes} | {recipe}{by} | {_sml(ev)} | {_f(ev.get('ap'))} "
                          f"| {_f(ev.get('box_miou'))} | {_f(ev.get('ellipse_miou'))} "
                          f"| {_sml(upper['eval']) if ub else '-'} | {ratio} | {score_catch(ev)} | {mins} |")
     return "\n".join(lines)
@@ -412,9 +422,9 @@ def get_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cpu_count / jobs threads")
     p.add_argument("--json", help="write the results here (default ROOT/results.json)")
     p.add_argument("--photos", default=PHOTOS, help="the photo set's folder (instances.json, images/)")
-    p.add_argument("--encoder", default=ENCODER, help="the pretrained encoder --recipes box-prompted labels "
-                                                      "with (label.py --encoder: a file or a public "
-                                                      "encoder's name)")
+    p.add_argument("--encoder", default=ENCODER, help="the pretrained encoder of --recipes box-prompted and "
+                                                      "demo+encoder (label.py --encoder: a file or a "
+                                                      "public encoder's name)")
     p.add_argument("--make-sets", action="store_true", help="only make the sets")
     return p.parse_args(argv)
 

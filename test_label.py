@@ -219,8 +219,8 @@ def test_test_time_settings_come_from_the_checkpoint_unless_given(world, tmp_pat
 def test_an_encoder_labels_without_a_checkpoint(world, tmp_path, capsys, monkeypatch):
     """label.py --encoder NAME: no training; a public encoder's file (a 1-block DINOv2 ViT-S/14 in its
     authors' layout, random here, where torch.hub's cache keeps dinov2_vits14) labels every labelable box
-    through predictor.BoxPrompted with recipes.BOX_PROMPTED_LABEL; the parts are the file's; --ckpt and
-    --encoder exclude each other; an unknown name is one line."""
+    through predictor.BoxPrompted with recipes.BOX_PROMPTED_LABEL; the parts are the file's; an unknown
+    name is one line."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     path = os.path.join(util.pretrained_cache(), os.path.basename(recipes.PRETRAINED["dinov2_vits14"]))
     os.makedirs(os.path.dirname(path))
@@ -240,14 +240,46 @@ def test_an_encoder_labels_without_a_checkpoint(world, tmp_path, capsys, monkeyp
     assert f"{want.describe()}; --encoder's settings\n" in capsys.readouterr().err
     p = predictor.Predictor(encoder=path, device="cpu")
     assert isinstance(p.nets[0], predictor.BoxPrompted) and p.size == predictor.BOX_PROMPTED_SIZE
-    neither = [a for a in argv if a not in ("dinov2_vits14", "--encoder")]
-    for bad, msg in (([*argv, "--ckpt", str(world / "tiny.pt")], "--ckpt or --encoder, not both"),
-                     (neither, "--ckpt (or --encoder) needed")):
-        with pytest.raises(SystemExit):
-            label.main(bad)
-        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        label.main([a for a in argv if a not in ("dinov2_vits14", "--encoder")])
+    assert "--ckpt (or --encoder) needed" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^label.py: --encoder dinov3_vits16: neither a file nor a known "):
         label.main([a if a != "dinov2_vits14" else "dinov3_vits16" for a in argv])
+
+
+def test_a_checkpoint_with_an_encoder_labels_with_the_better_of_the_two(world, tmp_path, capsys, monkeypatch):
+    """--ckpt with --encoder: the labels are those of the one chosen (byte for byte what it gives alone),
+    chosen on the sampled boxes' mean mask_score with the encoder's margin, said in a line and in the
+    report; a resumed run keeps the choice it made; the fingerprint covers the encoder."""
+    torch.manual_seed(0)
+    enc = tmp_path / "dinov2_vits14.pth"
+    save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), enc)
+    alone = {}
+    for who, flags in (("network", []), ("encoder", ["--encoder", str(enc)])):
+        argv = label_argv(world, tmp_path / f"{who}.json", *flags)
+        if who == "encoder":
+            at = argv.index("--ckpt")
+            del argv[at:at + 2]
+        label.main(argv)
+        alone[who] = (tmp_path / f"{who}.json").read_bytes()
+    assert alone["network"] != alone["encoder"]
+    for margin, want in ((-1.0, "encoder"), (1.0, "network")):
+        monkeypatch.setattr(label, "ENCODER_MARGIN", margin)
+        out = tmp_path / f"both{want}.json"
+        label.main(label_argv(world, out, "--encoder", str(enc), "--keep-parts"))
+        assert out.read_bytes() == alone[want]
+        choice = json.loads((tmp_path / f"both{want}.report.json").read_text())["summary"]["labeler"]
+        assert choice["labeler"] == want and choice["boxes"] == 14 and choice["encoder_margin"] == margin
+        assert 0 < choice["mean_mask_score"]["network"] < 1 and 0 < choice["mean_mask_score"]["encoder"] < 1
+        assert f"label.py: labeling with the {'--encoder' if want == 'encoder' else 'trained network'}: " \
+               f"mean mask_score on 14 of the boxes" in capsys.readouterr().err
+        cfg = json.loads((tmp_path / f"both{want}.json.parts" / "fingerprint.json").read_text())
+        assert cfg["encoder_sha256"] == label.file_sha256(enc) and cfg["ckpt_sha256"] == label.file_sha256(
+            world / "tiny.pt") and cfg["encoder_settings"]["crf_size"] == recipes.BOX_PROMPTED_LABEL.crf_size
+    # the parts keep the choice: resumed with the other margin, the network's run stays the network's
+    monkeypatch.setattr(label, "ENCODER_MARGIN", -1.0)
+    label.main(label_argv(world, tmp_path / "bothnetwork.json", "--encoder", str(enc)))
+    assert (tmp_path / "bothnetwork.json").read_bytes() == alone["network"]
 
 
 def test_counts_agree_strict_fails_and_unlabeled_masks_are_reported(world, tmp_path, capsys):

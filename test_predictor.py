@@ -87,6 +87,26 @@ def test_mask_score_of_hand_made_masks():
     assert s[0] > s[2] > s[1] > s[3]
 
 
+@pytest.mark.parametrize("crf", [0, 5])
+def test_masks_on_other_grids_score_alike_on_one_grid(crf):
+    """predict's score_size: the same soft disc from a 16 × 16 network and, resampled, from a 48 × 48 one
+    scores alike on the 48 grid (as label.py's --ckpt with --encoder compares them), not on their own."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    coarse = 3 * (4.5 - ((yy - 7.5) ** 2 + (xx - 7.5) ** 2).sqrt())  # logits of a disc, 4.5 px radius
+    fine = torch.logit(F.interpolate(coarse.sigmoid()[None, None], size=(48, 48), mode="bilinear",
+                                     align_corners=False)[0, 0], eps=1e-6)
+    crops = torch.randint(0, 256, (1, 3, 48, 48), dtype=torch.uint8)
+    box = torch.zeros(1, 48, 48, dtype=torch.bool)
+    box[:, 12:36, 12:36] = True
+    kw = dict(crf_iters=crf, crf_size=48, zeta=0.3, tau=0.3)
+    scores = {(name, size): predictor.predict([lambda x, m=m: m.expand(x.shape[0], -1, -1)], crops, box,
+                                              torch.device("cpu"), score_size=size, **kw)[1].item()
+              for name, m in (("coarse", coarse), ("fine", fine)) for size in (None, 48)}
+    assert scores["coarse", 48] == pytest.approx(scores["fine", 48], abs=1e-5)
+    assert scores["fine", None] == pytest.approx(scores["fine", 48], abs=1e-6)
+    assert abs(scores["coarse", None] - scores["coarse", 48]) > 0.01
+
+
 class Spill(Oracle):
     """The object grown by 8 crop pixels each way: the network's mask runs over the box."""
 

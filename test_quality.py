@@ -310,3 +310,23 @@ def test_mal_beats_the_inscribed_ellipse_on_shapes_an_ellipse_cannot_fit(tmp_pat
     assert ev["net"]["n"] == 12 and 0.4 < ellipse < 0.5  # the set is what it says: an ellipse fits it badly
     for masks in ("net", "refined"):
         assert ev[masks]["miou"] > ellipse + 0.3, (masks, ev[masks]["miou"], ellipse)
+
+
+@pytest.mark.slow
+def test_the_demo_with_an_encoder_row_labels_with_the_one_label_py_chose(tiny_set, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
+    torch.manual_seed(0)
+    enc = save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), tmp_path / "enc.pth")
+    quality.main(["--sets", "tiny", "--recipes", "demo+encoder", "--no-upper", "--steps", "2",
+                  "--encoder", enc, "--root", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    r = json.load(open(tmp_path / "r.json"))["results"]["tiny"]["demo+encoder"]
+    run = tmp_path / "runs" / "tiny" / "demo+encoder"
+    label_cmd = r["commands"]["label"]
+    assert r["commands"]["train"][:1] == ["--demo"] and (run / "last.pt").exists()
+    assert label_cmd[label_cmd.index("--ckpt") + 1] == str(run / "last.pt")
+    assert label_cmd[label_cmd.index("--encoder") + 1] == enc
+    choice = json.load(open(run / "labels.report.json"))["summary"]["labeler"]
+    assert r["labeler"] == choice and choice["labeler"] in ("network", "encoder")
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(row) == 1 and f"| demo+encoder ({choice['labeler']}) |" in row[0]
