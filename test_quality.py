@@ -193,17 +193,24 @@ def test_benchmark_trains_labels_tabulates_and_reuses(tiny_set, tmp_path, monkey
     assert os.path.getmtime(log) == mtime and json.load(open(tmp_path / "r.json"))["results"] == r["results"]
 
 
-@pytest.mark.slow
-def test_the_box_prompted_row_trains_nothing_and_labels_with_the_encoder(tiny_set, tmp_path, monkeypatch,
-                                                                        capsys):
+def _encoder_row(recipe, tiny_set, tmp_path, monkeypatch, capsys, *flags):
+    """quality.py's `recipe` on the tiny set with a random 1-block DINOv2 file as --encoder: the file, the
+    run's results and its table row."""
     monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
     torch.manual_seed(0)
     enc = save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), tmp_path / "enc.pth")
-    quality.main(["--sets", "tiny", "--recipes", "box-prompted", "--no-upper", "--encoder", enc,
+    quality.main(["--sets", "tiny", "--recipes", recipe, "--no-upper", "--encoder", enc, *flags,
                   "--root", str(tmp_path), "--json", str(tmp_path / "r.json")])
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
-    assert len(row) == 1 and "| box-prompted |" in row[0] and re.search(r"\| 0\.0 \+ \d+\.\d \|$", row[0])
-    r = json.load(open(tmp_path / "r.json"))["results"]["tiny"]["box-prompted"]
+    assert len(row) == 1
+    return enc, json.load(open(tmp_path / "r.json"))["results"]["tiny"][recipe], row[0]
+
+
+@pytest.mark.slow
+def test_the_box_prompted_row_trains_nothing_and_labels_with_the_encoder(tiny_set, tmp_path, monkeypatch,
+                                                                        capsys):
+    enc, r, row = _encoder_row("box-prompted", tiny_set, tmp_path, monkeypatch, capsys)
+    assert "| box-prompted |" in row and re.search(r"\| 0\.0 \+ \d+\.\d \|$", row)
     label_cmd = r["commands"]["label"]
     assert r["commands"]["train"] is None and label_cmd[label_cmd.index("--encoder") + 1] == enc
     run = tmp_path / "runs" / "tiny" / "box-prompted"
@@ -315,12 +322,7 @@ def test_mal_beats_the_inscribed_ellipse_on_shapes_an_ellipse_cannot_fit(tmp_pat
 @pytest.mark.slow
 def test_the_demo_with_an_encoder_row_labels_with_the_one_label_py_chose(tiny_set, tmp_path, monkeypatch,
                                                                          capsys):
-    monkeypatch.setattr(quality, "SETS", _tiny_sets(tiny_set))
-    torch.manual_seed(0)
-    enc = save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)), tmp_path / "enc.pth")
-    quality.main(["--sets", "tiny", "--recipes", "demo+encoder", "--no-upper", "--steps", "2",
-                  "--encoder", enc, "--root", str(tmp_path), "--json", str(tmp_path / "r.json")])
-    r = json.load(open(tmp_path / "r.json"))["results"]["tiny"]["demo+encoder"]
+    enc, r, row = _encoder_row("demo+encoder", tiny_set, tmp_path, monkeypatch, capsys, "--steps", "2")
     run = tmp_path / "runs" / "tiny" / "demo+encoder"
     label_cmd = r["commands"]["label"]
     assert r["commands"]["train"][:1] == ["--demo"] and (run / "last.pt").exists()
@@ -328,5 +330,4 @@ def test_the_demo_with_an_encoder_row_labels_with_the_one_label_py_chose(tiny_se
     assert label_cmd[label_cmd.index("--encoder") + 1] == enc
     choice = json.load(open(run / "labels.report.json"))["summary"]["labeler"]
     assert r["labeler"] == choice and choice["labeler"] in ("network", "encoder")
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
-    assert len(row) == 1 and f"| demo+encoder ({choice['labeler']}) |" in row[0]
+    assert f"| demo+encoder ({choice['labeler']}) |" in row
