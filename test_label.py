@@ -144,14 +144,22 @@ def test_ctrl_c_keeps_the_boxes_done_and_the_rerun_is_byte_identical(world, tmp_
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(world, tmp_path):
+@pytest.mark.parametrize("encoder", [False, True])
+def test_two_gloo_ranks_equal_one_process(world, tmp_path, encoder):
+    """Also with --encoder beside --ckpt: rank 0 chooses, every rank labels with its choice."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    r = run_py(["label.py", *label_argv(world, one)])
+    extra = []
+    if encoder:
+        torch.manual_seed(0)
+        extra = ["--encoder", save(dinov2_authors_layout(mal.vit("vit_small_dinov2", depth=1)),
+                                   tmp_path / "enc.pth")]
+    r = run_py(["label.py", *label_argv(world, one, *extra)])
     assert r.returncode == 0, r.stderr
-    argv = [a for a in label_argv(world, two) if a != "--quiet"]
+    argv = [a for a in label_argv(world, two, *extra) if a != "--quiet"]
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "label.py", *argv])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "label[rank 0]" in r.stderr and "label[rank 1]" in r.stderr  # both ranks did work
+    assert r.stderr.count("label.py: labeling with the") == (1 if encoder else 0)
     assert two.read_bytes() == one.read_bytes()
 
 
