@@ -284,6 +284,15 @@ def test_a_checkpoint_with_an_encoder_labels_with_the_better_of_the_two(world, t
         cfg = json.loads((tmp_path / f"both{want}.json.parts" / "fingerprint.json").read_text())
         assert cfg["encoder_sha256"] == label.file_sha256(enc) and cfg["ckpt_sha256"] == label.file_sha256(
             world / "tiny.pt") and cfg["encoder_settings"]["crf_size"] == recipes.BOX_PROMPTED_LABEL.crf_size
+    # a sample of the boxes, spread over them, and the higher mean wins at margin 0
+    monkeypatch.setattr(label, "CHOICE_BOXES", 5)
+    monkeypatch.setattr(label, "ENCODER_MARGIN", 0.0)
+    label.main(label_argv(world, tmp_path / "sample.json", "--encoder", str(enc)))
+    choice = json.loads((tmp_path / "sample.report.json").read_text())["summary"]["labeler"]
+    score = choice["mean_mask_score"]
+    assert 3 <= choice["boxes"] <= 5  # a sampled box on a missing or corrupt image gets no mask
+    assert choice["labeler"] == ("encoder" if score["encoder"] >= score["network"] else "network")
+    assert (tmp_path / "sample.json").read_bytes() == alone[choice["labeler"]]
     # the parts keep the choice: resumed with the other margin, the network's run stays the network's
     monkeypatch.setattr(label, "ENCODER_MARGIN", -1.0)
     label.main(label_argv(world, tmp_path / "bothnetwork.json", "--encoder", str(enc)))
