@@ -196,8 +196,7 @@ def label_rows(device, quick, workers):
     sets = synthetic.make_coco_like(os.path.join("demo", "coco_like"), n)
     index = coco.box_index(sets["json"])
     labelable = index.labelable()
-    rows = np.unique(index.ann_img_row[labelable])
-    images = coco.ImageEntries(index, rows[np.argsort(index.img_id[rows])])
+    images = coco.ImageEntries(index, index.images_of(labelable))
     todo, n_boxes = coco.BoxesByImage(index, labelable), int(labelable.sum())
     net = mal.MAL(arch, patch_size=p, img_size=S).eval().to(device)
     if device.type == "cuda":

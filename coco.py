@@ -603,6 +603,11 @@ class BoxIndex:
         a = json.loads(self.annotation_json(row).decode("utf-8"))
         return _as_result(a, int(row)) if self.kind == "results" else a
 
+    def images_of(self, boxes):
+        """The image rows that hold any of the annotation rows `boxes` (a bool mask), by image id."""
+        rows = np.unique(self.ann_img_row[boxes])
+        return rows[np.argsort(self.img_id[rows], kind="stable")]
+
     def rows_of_ids(self, ids):
         """The annotation rows of these annotation ids (each must be in the index)."""
         ids = np.asarray(ids, np.int64)

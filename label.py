@@ -276,8 +276,7 @@ def select_boxes(args, d):
     if args.score_thr is not None:  # only boxes that carry a score are filtered
         kept = np.isnan(index.ann_score) | (index.ann_score >= args.score_thr)
     labelable = kept & index.labelable()
-    img_rows = np.unique(index.ann_img_row[labelable])
-    return index, kept, labelable, img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
+    return index, kept, labelable, index.images_of(labelable)
 
 
 def choose_labeler(args, d, labelers, index, labelable, parts):
@@ -295,8 +294,7 @@ def choose_labeler(args, d, labelers, index, labelable, parts):
         sample = np.zeros_like(labelable)
         sample[rows[np.unique(np.linspace(0, len(rows) - 1, min(CHOICE_BOXES, len(rows))).round()
                               .astype(np.int64))] if len(rows) else []] = True
-        img_rows = np.unique(index.ann_img_row[sample])
-        img_rows = img_rows[np.argsort(index.img_id[img_rows], kind="stable")]
+        img_rows = index.images_of(sample)
         score = {}
         for name, (ck, settings) in labelers.items():
             nets = predictor.build_nets(ck, settings.net, d.device, args.ckpt)
